@@ -1,0 +1,555 @@
+//! The per-queue-pair data path: guest TX ring → tap, tap → guest RX ring.
+//!
+//! Mechanism only; no policy. Every guest-supplied descriptor is checked (direction, bounds in
+//! guest memory, chain termination, minimum header size) and a bad chain is completed with length
+//! 0 and counted instead of being trusted. Frames move with one `readv`/`writev` per packet
+//! straight between the tap and guest buffers; only RX frames larger than the first mergeable
+//! buffer take a second copy out of a per-queue scratch buffer allocated once.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// Most packets one direction moves before yielding to the other (like `VHOST_NET_WEIGHT`).
+pub const BATCH_BUDGET: usize = 256;
+/// Most segments a chain may have (`UIO_MAXIOV`).
+pub const MAX_SEGMENTS: usize = 1024;
+/// Largest frame the tap can hand us: 64 KiB GSO payload + headers + virtio-net header.
+pub const MAX_FRAME: usize = 65536 + 256;
+
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Access to the host side of a queue pair (the tap, or a fake in tests).
+pub trait TapIo {
+    /// Reads one frame (virtio-net header + Ethernet frame) into `iov`.
+    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
+    /// Writes one frame (virtio-net header + Ethernet frame) from `iov`.
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
+}
+
+/// A tap queue descriptor.
+#[derive(Debug, Clone, Copy)]
+pub struct TapFd(pub RawFd);
+
+impl TapIo for TapFd {
+    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: every iovec points into mapped guest memory or our scratch buffer, valid for
+        // the call; the caller holds the guest memory guard.
+        let n = unsafe { libc::readv(self.0, iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: as for readv; the kernel only reads the buffers.
+        let n = unsafe { libc::writev(self.0, iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+/// Why a descriptor chain was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainError {
+    /// The chain ended early: a loop, a `next` out of range or an invalid indirect table.
+    Truncated,
+    /// A buffer lies (partly) outside guest memory.
+    OutOfMemory,
+    /// A device-writable buffer in a TX chain or a device-readable one in an RX chain.
+    WrongDirection,
+    /// Too short to hold the virtio-net header.
+    TooShort,
+    /// More segments than `MAX_SEGMENTS`.
+    TooManySegments,
+}
+
+/// Counters one data-path call adds up; the caller folds them into shared metrics once.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PathCounts {
+    /// Frames moved.
+    pub packets: u64,
+    /// Payload bytes moved (without the virtio-net header).
+    pub bytes: u64,
+    /// Used-ring entries added.
+    pub used: u64,
+    /// Chains rejected as malformed.
+    pub bad_chains: u64,
+    /// Frames dropped (too large for the guest's buffer, or refused by the tap).
+    pub dropped: u64,
+    /// Tap I/O errors other than "would block".
+    pub tap_errors: u64,
+}
+
+impl PathCounts {
+    /// Adds `o` to `self`.
+    pub fn add(&mut self, o: &PathCounts) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.used += o.used;
+        self.bad_chains += o.bad_chains;
+        self.dropped += o.dropped;
+        self.tap_errors += o.tap_errors;
+    }
+}
+
+/// Negotiated layout of the virtio-net header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HdrLayout {
+    /// 12 with VERSION_1 or MRG_RXBUF, else 10.
+    pub len: usize,
+    /// Whether RX frames may span several chains (`VIRTIO_NET_F_MRG_RXBUF`).
+    pub mergeable: bool,
+}
+
+impl HdrLayout {
+    /// The layout for a negotiated feature set.
+    pub fn from_features(features: u64) -> Self {
+        let v1 = features & (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) != 0;
+        let mrg = features & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF) != 0;
+        HdrLayout {
+            len: if v1 || mrg { 12 } else { 10 },
+            mergeable: mrg,
+        }
+    }
+}
+
+impl Default for HdrLayout {
+    fn default() -> Self {
+        HdrLayout {
+            len: 12,
+            mergeable: true,
+        }
+    }
+}
+
+/// A guest buffer: guest-physical address and length.
+type Seg = (u64, u32);
+
+/// Walks `head`'s chain, checking it, appending host iovecs and guest segments.
+/// Returns the chain's total byte count.
+fn collect_chain<M: GuestMemoryBackend>(
+    mem: &M,
+    chain: virtio_queue::DescriptorChain<&M>,
+    writable: bool,
+    iov: &mut Vec<libc::iovec>,
+    segs: Option<&mut Vec<Seg>>,
+) -> Result<usize, ChainError> {
+    let mut total = 0usize;
+    let mut last_has_next = true;
+    let mut any = false;
+    let mut segs = segs;
+    for desc in chain {
+        any = true;
+        last_has_next = desc.has_next();
+        if desc.is_write_only() != writable {
+            return Err(ChainError::WrongDirection);
+        }
+        let len = desc.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        for slice in mem.get_slices(desc.addr(), len) {
+            let slice = slice.map_err(|_| ChainError::OutOfMemory)?;
+            if iov.len() >= MAX_SEGMENTS {
+                return Err(ChainError::TooManySegments);
+            }
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        if let Some(s) = segs.as_deref_mut() {
+            s.push((desc.addr().0, desc.len()));
+        }
+        total += len;
+    }
+    if !any || last_has_next {
+        return Err(ChainError::Truncated);
+    }
+    Ok(total)
+}
+
+/// Writes `data` at byte `offset` of the buffer formed by `segs`.
+fn write_segs<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], mut offset: usize, mut data: &[u8]) -> bool {
+    for &(addr, len) in segs {
+        let len = len as usize;
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let n = (len - offset).min(data.len());
+        if mem
+            .write_slice(&data[..n], GuestAddress(addr + offset as u64))
+            .is_err()
+        {
+            return false;
+        }
+        data = &data[n..];
+        offset = 0;
+        if data.is_empty() {
+            return true;
+        }
+    }
+    data.is_empty()
+}
+
+/// Whether the guest wants an interrupt for the used entries just added.
+///
+/// With EVENT_IDX this is the `used_event` test; without it, `VRING_AVAIL_F_NO_INTERRUPT`
+/// suppresses it unless `notify_on_empty` is negotiated and the avail ring is empty.
+pub fn should_notify<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, notify_on_empty: bool) -> bool {
+    if q.event_idx_enabled() {
+        return q.needs_notification(mem).unwrap_or(true);
+    }
+    let flags: u16 = mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
+    if flags & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+        return true;
+    }
+    notify_on_empty
+        && q
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map(|i| i.0 == q.next_avail())
+            .unwrap_or(false)
+}
+
+fn unpop(q: &mut Queue) {
+    q.set_next_avail(q.next_avail().wrapping_sub(1));
+}
+
+/// Result of one TX run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TxRun {
+    /// Counters.
+    pub counts: PathCounts,
+    /// The tap refused with EAGAIN; wait for it to become writable.
+    pub blocked: bool,
+    /// The budget ran out with chains left.
+    pub more: bool,
+}
+
+/// Guest → tap.
+#[derive(Debug, Default)]
+pub struct TxPath {
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovec buffer is scratch space, only meaningful during a `run` call.
+unsafe impl Send for TxPath {}
+
+impl TxPath {
+    /// A TX path with its scratch vectors allocated.
+    pub fn new() -> Self {
+        TxPath {
+            iov: Vec::with_capacity(64),
+        }
+    }
+
+    /// Moves up to `budget` frames from the TX ring to the tap.
+    pub fn run<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        tap: &mut impl TapIo,
+        hdr: HdrLayout,
+        budget: usize,
+    ) -> TxRun {
+        let mut out = TxRun::default();
+        let _ = q.disable_notification(mem);
+        loop {
+            if out.counts.packets + out.counts.dropped + out.counts.bad_chains >= budget as u64 {
+                out.more = true;
+                break;
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            self.iov.clear();
+            let res = collect_chain(mem, chain, false, &mut self.iov, None)
+                .and_then(|n| if n < hdr.len { Err(ChainError::TooShort) } else { Ok(n) });
+            match res {
+                Err(e) => {
+                    tracing::debug!(head, ?e, "rejecting TX chain");
+                    out.counts.bad_chains += 1;
+                }
+                Ok(total) => match tap.writev(&self.iov) {
+                    Ok(_) => {
+                        out.counts.packets += 1;
+                        out.counts.bytes += (total - hdr.len) as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        unpop(q);
+                        out.blocked = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(head, %e, "tap refused a TX frame");
+                        out.counts.dropped += 1;
+                        out.counts.tap_errors += 1;
+                    }
+                },
+            }
+            if q.add_used(mem, head, 0).is_ok() {
+                out.counts.used += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Result of one RX run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RxRun {
+    /// Counters.
+    pub counts: PathCounts,
+    /// The tap has no more frames (EAGAIN): wait for it to become readable.
+    pub tap_empty: bool,
+    /// The guest has no more RX buffers: wait for its kick (notifications were re-enabled).
+    pub no_buffers: bool,
+    /// The budget ran out with frames possibly left.
+    pub more: bool,
+}
+
+/// A frame read from the tap that did not fit its first buffer and waits for more buffers.
+#[derive(Debug)]
+struct PendingRx {
+    /// Avail index of the first chain, to give the chains back if the ring stops.
+    start_avail: u16,
+    /// Frame length including the virtio-net header.
+    len: usize,
+    /// First chain: head and guest segments (holds the header).
+    first: (u16, Vec<Seg>),
+    /// Bytes already placed in guest buffers (the first `filled` of the frame).
+    filled: usize,
+    /// Bytes placed in the first chain.
+    first_len: usize,
+    /// Further chains: head and bytes placed.
+    extra: Vec<(u16, u32)>,
+}
+
+/// Tap → guest.
+pub struct RxPath {
+    iov: Vec<libc::iovec>,
+    segs: Vec<Seg>,
+    seg_scratch: Vec<Seg>,
+    scratch: Box<[u8]>,
+    pending: Option<PendingRx>,
+}
+
+// SAFETY: the iovec buffer is scratch space, only meaningful during a `run` call.
+unsafe impl Send for RxPath {}
+
+impl Default for RxPath {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for RxPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RxPath").field("pending", &self.pending).finish()
+    }
+}
+
+impl RxPath {
+    /// An RX path with its scratch buffers allocated.
+    pub fn new() -> Self {
+        RxPath {
+            iov: Vec::with_capacity(64),
+            segs: Vec::with_capacity(64),
+            seg_scratch: Vec::with_capacity(64),
+            scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            pending: None,
+        }
+    }
+
+    /// Whether a frame is waiting for more guest buffers.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Gives back the chains held by a partly placed frame (the ring is being stopped) and drops
+    /// the frame. Returns true if a frame was dropped.
+    pub fn abandon_pending(&mut self, q: &mut Queue) -> bool {
+        match self.pending.take() {
+            Some(p) => {
+                q.set_next_avail(p.start_avail);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Moves up to `budget` frames from the tap into the RX ring.
+    pub fn run<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        tap: &mut impl TapIo,
+        hdr: HdrLayout,
+        budget: usize,
+    ) -> RxRun {
+        let mut out = RxRun::default();
+        let _ = q.disable_notification(mem);
+        loop {
+            if let Some(p) = self.pending.take() {
+                match self.place_rest(q, mem, p, hdr, &mut out.counts) {
+                    Ok(()) => {}
+                    Err(p) => {
+                        self.pending = Some(p);
+                        out.no_buffers = true;
+                        break;
+                    }
+                }
+            }
+            if out.counts.packets + out.counts.dropped >= budget as u64 {
+                out.more = true;
+                break;
+            }
+            let start_avail = q.next_avail();
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => {
+                        out.no_buffers = true;
+                        break;
+                    }
+                }
+            };
+            let head = chain.head_index();
+            self.iov.clear();
+            self.segs.clear();
+            let cap = match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.segs))
+                .and_then(|n| if n < hdr.len { Err(ChainError::TooShort) } else { Ok(n) })
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(head, ?e, "rejecting RX chain");
+                    out.counts.bad_chains += 1;
+                    if q.add_used(mem, head, 0).is_ok() {
+                        out.counts.used += 1;
+                    }
+                    continue;
+                }
+            };
+            // Frames larger than the first chain spill into the scratch buffer.
+            self.iov.push(libc::iovec {
+                iov_base: self.scratch.as_mut_ptr().cast(),
+                iov_len: self.scratch.len(),
+            });
+            let n = match tap.readv(&self.iov) {
+                Ok(n) => n,
+                Err(e) => {
+                    unpop(q);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!(%e, "tap read failed");
+                        out.counts.tap_errors += 1;
+                    }
+                    out.tap_empty = true;
+                    break;
+                }
+            };
+            if n < hdr.len {
+                // Not a frame we can deliver; reuse the chain.
+                unpop(q);
+                out.counts.dropped += 1;
+                continue;
+            }
+            if n <= cap {
+                if hdr.len == 12 && !write_segs(mem, &self.segs, 10, &1u16.to_le_bytes()) {
+                    out.counts.bad_chains += 1;
+                }
+                if q.add_used(mem, head, n as u32).is_ok() {
+                    out.counts.used += 1;
+                }
+                out.counts.packets += 1;
+                out.counts.bytes += (n - hdr.len) as u64;
+                continue;
+            }
+            if !hdr.mergeable {
+                // The guest's buffer is too small and it cannot merge: drop, reuse the chain.
+                unpop(q);
+                out.counts.dropped += 1;
+                continue;
+            }
+            let p = PendingRx {
+                start_avail,
+                len: n,
+                first: (head, std::mem::take(&mut self.segs)),
+                filled: cap,
+                first_len: cap,
+                extra: Vec::new(),
+            };
+            self.segs = Vec::with_capacity(64);
+            self.pending = Some(p);
+        }
+        out
+    }
+
+    /// Places the rest of a pending frame into further chains and publishes it; gives the
+    /// frame back if the guest runs out of buffers first.
+    fn place_rest<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        mut p: PendingRx,
+        hdr: HdrLayout,
+        counts: &mut PathCounts,
+    ) -> Result<(), PendingRx> {
+        while p.filled < p.len {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => return Err(p),
+                }
+            };
+            let head = chain.head_index();
+            self.iov.clear();
+            self.seg_scratch.clear();
+            match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.seg_scratch)) {
+                Ok(cap) if cap > 0 => {
+                    let take = cap.min(p.len - p.filled);
+                    let from = p.filled - p.first_len;
+                    if !write_segs(mem, &self.seg_scratch, 0, &self.scratch[from..from + take]) {
+                        counts.bad_chains += 1;
+                    }
+                    p.extra.push((head, take as u32));
+                    p.filled += take;
+                }
+                other => {
+                    tracing::debug!(head, ?other, "rejecting RX chain");
+                    counts.bad_chains += 1;
+                    if q.add_used(mem, head, 0).is_ok() {
+                        counts.used += 1;
+                    }
+                }
+            }
+        }
+        let nbuf = (1 + p.extra.len()) as u16;
+        if !write_segs(mem, &p.first.1, 10, &nbuf.to_le_bytes()) {
+            counts.bad_chains += 1;
+        }
+        if q.add_used(mem, p.first.0, p.first_len as u32).is_ok() {
+            counts.used += 1;
+        }
+        for &(h, l) in &p.extra {
+            if q.add_used(mem, h, l).is_ok() {
+                counts.used += 1;
+            }
+        }
+        counts.packets += 1;
+        counts.bytes += (p.len - hdr.len) as u64;
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! Per-VM slots: the vhost-user socket, one frontend connection at a time, and going back to
+//! listening on the same path when the frontend leaves. Each slot runs on its own thread; a
+//! failure in one VM's connection is logged and never touches another VM.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use thiserror::Error;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::VmConfig;
+use crate::device::{tap_event_id, NetDevice};
+use crate::metrics::VmMetrics;
+use crate::shim;
+use crate::tap::{Tap, TapError};
+
+/// Errors setting up a VM slot; each names the VM and says what to do.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// Another process is listening on the socket path.
+    #[error("VM {vm:?}: socket {path} is in use by another process (stop it or choose another --socket)")]
+    SocketInUse {
+        /// VM name.
+        vm: String,
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The socket path exists and is not a socket.
+    #[error("VM {vm:?}: {path} exists and is not a socket; remove it or choose another --socket")]
+    NotASocket {
+        /// VM name.
+        vm: String,
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The socket could not be created.
+    #[error("VM {vm:?}: cannot listen on {path}: {source} (check that the directory exists and is writable)")]
+    Bind {
+        /// VM name.
+        vm: String,
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The tap could not be opened.
+    #[error("VM {vm:?}: {source}")]
+    Tap {
+        /// VM name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: TapError,
+    },
+}
+
+/// Errors of one frontend connection (logged; the slot goes back to listening).
+#[derive(Debug, Error)]
+pub enum ConnError {
+    /// Creating the vhost-user daemon failed.
+    #[error("cannot start the vhost-user handler: {0}")]
+    Daemon(String),
+    /// The internal socket between shim and handler failed.
+    #[error("internal socket: {0}")]
+    Internal(#[from] io::Error),
+    /// The relay stopped on a protocol error.
+    #[error("{0}")]
+    Shim(#[from] shim::ShimError),
+}
+
+/// Binds `path` for listening, replacing a stale socket but never a live one or a non-socket.
+pub fn bind_socket(vm: &str, path: &Path) -> Result<UnixListener, ServeError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServeError::NotASocket {
+                vm: vm.into(),
+                path: path.into(),
+            });
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServeError::SocketInUse {
+                vm: vm.into(),
+                path: path.into(),
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        vm: vm.into(),
+        path: path.into(),
+        source,
+    })
+}
+
+/// A private 0700 directory for the shim's internal sockets, made once per process.
+fn private_dir() -> io::Result<&'static Path> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d);
+    }
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let mut tmpl = base
+        .join("vnb-XXXXXX")
+        .into_os_string()
+        .into_encoded_bytes();
+    tmpl.push(0);
+    // SAFETY: `tmpl` is a writable NUL-terminated template.
+    let p = unsafe { libc::mkdtemp(tmpl.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    tmpl.pop();
+    // SAFETY: mkdtemp only replaced the X's with path characters.
+    let dir = PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(tmpl) });
+    Ok(DIR.get_or_init(|| dir))
+}
+
+/// One VM: its tap, its socket and its counters; serves one frontend at a time, forever.
+pub struct VmSlot {
+    cfg: VmConfig,
+    tap: Arc<Tap>,
+    listener: UnixListener,
+    metrics: Arc<VmMetrics>,
+    conn_seq: AtomicU64,
+}
+
+impl VmSlot {
+    /// Opens the tap and binds the socket (socket last, so its presence means ready).
+    pub fn open(cfg: VmConfig) -> Result<Self, ServeError> {
+        let tap = Tap::open(&cfg.tap, cfg.queues).map_err(|source| ServeError::Tap {
+            vm: cfg.name.clone(),
+            source,
+        })?;
+        let listener = bind_socket(&cfg.name, &cfg.socket)?;
+        let metrics = Arc::new(VmMetrics::new(cfg.queues as usize));
+        tracing::info!(
+            vm = %cfg.name, socket = %cfg.socket.display(), tap = %cfg.tap,
+            queues = cfg.queues, mac = %cfg.mac(), "VM ready for a frontend"
+        );
+        Ok(VmSlot {
+            cfg,
+            tap: Arc::new(tap),
+            listener,
+            metrics,
+            conn_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// The VM's counters.
+    pub fn metrics(&self) -> &Arc<VmMetrics> {
+        &self.metrics
+    }
+
+    /// Accepts frontends one after the other, forever.
+    pub fn serve_forever(&self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    self.metrics.connections.fetch_add(1, Relaxed);
+                    tracing::info!(vm = %self.cfg.name, "frontend connected");
+                    match self.serve_connection(stream) {
+                        Ok(()) => tracing::info!(vm = %self.cfg.name, "frontend disconnected; listening again"),
+                        Err(e) => tracing::warn!(vm = %self.cfg.name, %e, "frontend connection ended with an error; listening again"),
+                    }
+                    let t = self.metrics.total();
+                    tracing::info!(vm = %self.cfg.name, ?t, "counters");
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(vm = %self.cfg.name, %e, "accept failed; retrying in 1 s");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Serves one frontend connection until it closes. A fresh device (and vhost-user handler
+    /// with its worker threads) per connection; all of it is gone when this returns.
+    pub fn serve_connection(&self, frontend: UnixStream) -> Result<(), ConnError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = Arc::new(NetDevice::new(
+            &self.cfg.name,
+            self.tap.clone(),
+            mem.clone(),
+            self.metrics.clone(),
+        ));
+        let result = self.run_daemon(&device, mem, &frontend);
+        // Every worker thread has been joined: the exit eventfds are ours to close.
+        device.close_exit_consumers();
+        result
+    }
+
+    fn run_daemon(
+        &self,
+        device: &Arc<NetDevice>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+        frontend: &UnixStream,
+    ) -> Result<(), ConnError> {
+        let mut daemon = VhostUserDaemon::new(self.cfg.name.clone(), device.clone(), mem)
+            .map_err(|e| ConnError::Daemon(e.to_string()))?;
+        let tap_id = tap_event_id(self.cfg.queues);
+        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            h.register_listener(
+                self.tap.queue_fd(i),
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                tap_id,
+            )
+            .map_err(ConnError::Internal)?;
+        }
+        let backend_side = self.connect_handler(&mut daemon)?;
+        let relayed = shim::relay(frontend, &backend_side);
+        let _ = backend_side.shutdown(std::net::Shutdown::Both);
+        let _ = frontend.shutdown(std::net::Shutdown::Both);
+        daemon.request_shutdown();
+        if let Err(e) = daemon.wait() {
+            tracing::debug!(vm = %self.cfg.name, %e, "vhost-user handler ended");
+        }
+        drop(daemon);
+        relayed.map_err(ConnError::from)
+    }
+
+    /// Connects the crate's request handler to a fresh internal socket and returns our end.
+    fn connect_handler(
+        &self,
+        daemon: &mut VhostUserDaemon<Arc<NetDevice>>,
+    ) -> Result<UnixStream, ConnError> {
+        let seq = self.conn_seq.fetch_add(1, Relaxed);
+        let path = private_dir()?.join(format!("{}-{}-{seq}.sock", self.cfg.name, std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let inner = UnixListener::bind(&path)?;
+        let started = daemon.start_client(path.to_str().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "non-UTF-8 runtime directory")
+        })?);
+        let accepted = started
+            .map_err(|e| ConnError::Daemon(e.to_string()))
+            .and_then(|()| Ok(inner.accept()?.0));
+        let _ = std::fs::remove_file(&path);
+        let stream = accepted?;
+        // Only this process may be on the other end.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED writes a ucred of `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || cred.pid != std::process::id() as i32 {
+            return Err(ConnError::Internal(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "unexpected peer on the internal handler socket",
+            )));
+        }
+        Ok(stream)
+    }
+}

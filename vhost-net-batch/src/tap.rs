@@ -1,0 +1,307 @@
+//! Host side of the data path: a Linux tap device opened with `IFF_VNET_HDR`.
+//!
+//! One file descriptor per queue pair (`IFF_MULTI_QUEUE` when there is more than one). The tap
+//! is created when missing and attached when it exists; it lives as long as the daemon holds
+//! its descriptors, so a frontend reconnecting finds the same interface.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use thiserror::Error;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNGETFEATURES: libc::c_ulong = 0x8004_54cf;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+
+/// `TUNSETOFFLOAD` flag: the kernel may hand us frames with partial checksums.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// `TUNSETOFFLOAD` flag: the kernel may hand us TCPv4 GSO frames.
+pub const TUN_F_TSO4: u32 = 0x02;
+/// `TUNSETOFFLOAD` flag: the kernel may hand us TCPv6 GSO frames.
+pub const TUN_F_TSO6: u32 = 0x04;
+/// `TUNSETOFFLOAD` flag: GSO frames may carry the ECN bit.
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+
+/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// Errors opening or configuring the tap device.
+#[derive(Debug, Error)]
+pub enum TapError {
+    /// The interface name is empty, too long or has characters the kernel rejects.
+    #[error("invalid tap name {0:?}: 1 to 15 characters, no '/', ':' or whitespace")]
+    InvalidName(String),
+    /// `/dev/net/tun` could not be opened.
+    #[error("cannot open /dev/net/tun: {0} (load the tun module: `modprobe tun`)")]
+    OpenTun(#[source] io::Error),
+    /// Creating or attaching the interface was refused for lack of privilege.
+    #[error(
+        "cannot create or attach tap {name:?}: permission denied; run as root, grant \
+         CAP_NET_ADMIN (e.g. `setcap cap_net_admin+ep vhost-net-batch`), or pre-create the tap \
+         for this user with `ip tuntap add dev {name} mode tap vnet_hdr{mq} user $USER`"
+    )]
+    PermissionDenied {
+        /// Interface name.
+        name: String,
+        /// " multi_queue" when more than one queue pair was asked for.
+        mq: &'static str,
+    },
+    /// The interface exists with incompatible flags (e.g. single-queue vs multi-queue).
+    #[error(
+        "cannot attach tap {name:?}: it exists with other flags ({source}); \
+         a tap for {queues} queue pair(s) must be created {hint}"
+    )]
+    Incompatible {
+        /// Interface name.
+        name: String,
+        /// Requested queue pairs.
+        queues: u16,
+        /// How to create a compatible tap.
+        hint: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// Any other ioctl failure.
+    #[error("tap {name:?}: {what} failed: {source}")]
+    Ioctl {
+        /// Interface name.
+        name: String,
+        /// Which operation failed.
+        what: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl IfReqFlags {
+    fn new(name: &str) -> Self {
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req
+    }
+}
+
+/// Checks an interface name the way the kernel's `dev_valid_name` does.
+pub fn validate_ifname(name: &str) -> Result<(), TapError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+    if ok {
+        Ok(())
+    } else {
+        Err(TapError::InvalidName(name.to_string()))
+    }
+}
+
+/// A tap interface with one non-blocking queue descriptor per queue pair.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    queues: Vec<File>,
+}
+
+impl Tap {
+    /// Creates the tap `name` (or attaches to it) with `queue_pairs` queues, `IFF_VNET_HDR`,
+    /// a 12-byte virtio-net header and the link set up.
+    pub fn open(name: &str, queue_pairs: u16) -> Result<Self, TapError> {
+        validate_ifname(name)?;
+        let mut queues = Vec::with_capacity(queue_pairs as usize);
+        for _ in 0..queue_pairs.max(1) {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open("/dev/net/tun")
+                .map_err(TapError::OpenTun)?;
+            let mut req = IfReqFlags::new(name);
+            req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+            if queue_pairs > 1 {
+                req.flags |= IFF_MULTI_QUEUE;
+            }
+            // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                return Err(match err.raw_os_error() {
+                    Some(libc::EPERM) | Some(libc::EACCES) => TapError::PermissionDenied {
+                        name: name.to_string(),
+                        mq: if queue_pairs > 1 { " multi_queue" } else { "" },
+                    },
+                    Some(libc::EINVAL) | Some(libc::EBUSY) => TapError::Incompatible {
+                        name: name.to_string(),
+                        queues: queue_pairs,
+                        hint: if queue_pairs > 1 {
+                            "with `ip tuntap add mode tap multi_queue vnet_hdr`"
+                        } else {
+                            "with `ip tuntap add mode tap vnet_hdr` (not multi_queue)"
+                        },
+                        source: err,
+                    },
+                    _ => TapError::Ioctl {
+                        name: name.to_string(),
+                        what: "TUNSETIFF",
+                        source: err,
+                    },
+                });
+            }
+            queues.push(file);
+        }
+        let tap = Tap {
+            name: name.to_string(),
+            queues,
+        };
+        tap.set_vnet_hdr_len(12)?;
+        tap.set_offload(0)?;
+        tap.set_up()?;
+        Ok(tap)
+    }
+
+    /// Interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of queue descriptors.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Raw descriptor of queue `i`.
+    pub fn queue_fd(&self, i: usize) -> RawFd {
+        self.queues[i].as_raw_fd()
+    }
+
+    fn ioctl_int(&self, what: &'static str, req: libc::c_ulong, arg: libc::c_ulong) -> Result<(), TapError> {
+        for q in &self.queues {
+            // SAFETY: these tun ioctls take an integer argument (by value or by pointer as noted
+            // by the caller) and touch no other memory.
+            let rc = unsafe { libc::ioctl(q.as_raw_fd(), req, arg) };
+            if rc < 0 {
+                return Err(TapError::Ioctl {
+                    name: self.name.clone(),
+                    what,
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the virtio-net header length the kernel reads and writes (10 or 12).
+    pub fn set_vnet_hdr_len(&self, len: i32) -> Result<(), TapError> {
+        for q in &self.queues {
+            let v: libc::c_int = len;
+            // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer.
+            let rc = unsafe { libc::ioctl(q.as_raw_fd(), TUNSETVNETHDRSZ, &v) };
+            if rc < 0 {
+                return Err(TapError::Ioctl {
+                    name: self.name.clone(),
+                    what: "TUNSETVNETHDRSZ",
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets which offloads the kernel may use in frames it hands us (`TUN_F_*`).
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        self.ioctl_int("TUNSETOFFLOAD", TUNSETOFFLOAD, flags as libc::c_ulong)
+    }
+
+    /// Features the tun driver supports (`TUNGETFEATURES`).
+    pub fn features(&self) -> Result<u32, TapError> {
+        let mut v: libc::c_uint = 0;
+        // SAFETY: TUNGETFEATURES writes an unsigned int through the pointer.
+        let rc = unsafe { libc::ioctl(self.queues[0].as_raw_fd(), TUNGETFEATURES, &mut v) };
+        if rc < 0 {
+            return Err(TapError::Ioctl {
+                name: self.name.clone(),
+                what: "TUNGETFEATURES",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(v)
+    }
+
+    fn set_up(&self) -> Result<(), TapError> {
+        let err = |what, source| TapError::Ioctl {
+            name: self.name.clone(),
+            what,
+            source,
+        };
+        // SAFETY: plain socket(2) call.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(err("socket", io::Error::last_os_error()));
+        }
+        // SAFETY: we own `sock` from here on.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(sock) };
+        let mut req = IfReqFlags::new(&self.name);
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+            return Err(err("SIOCGIFFLAGS", io::Error::last_os_error()));
+        }
+        if req.flags & libc::IFF_UP as libc::c_short == 0 {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            // SAFETY: as above.
+            if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+                return Err(err("SIOCSIFFLAGS (link up)", io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Index of a network interface, if it exists in this namespace.
+pub fn if_index(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifname_validation() {
+        assert!(validate_ifname("tap0").is_ok());
+        assert!(validate_ifname("vnb-tap_1.2").is_ok());
+        assert!(validate_ifname("").is_err());
+        assert!(validate_ifname("0123456789abcdef").is_err());
+        assert!(validate_ifname("a/b").is_err());
+        assert!(validate_ifname("a:b").is_err());
+        assert!(validate_ifname("a b").is_err());
+        assert!(validate_ifname("..").is_err());
+    }
+}
