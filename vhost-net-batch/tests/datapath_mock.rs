@@ -1,0 +1,464 @@
+//! RX/TX data path over `virtio_queue::mock` guest memory with a scripted tap.
+
+use std::collections::VecDeque;
+use std::io;
+
+use vhost_net_batch::datapath::{should_notify, HdrLayout, RxPath, TapIo, TxPath, MAX_FRAME};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const QSIZE: u16 = 256;
+const BUF: u64 = 0x10_0000;
+const MEM_SIZE: usize = 0x100_0000;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const N: u16 = VRING_DESC_F_NEXT as u16;
+
+#[derive(Default)]
+struct FakeTap {
+    rx: VecDeque<Vec<u8>>,
+    tx: Vec<Vec<u8>>,
+    tx_error: Option<i32>,
+}
+
+fn iov_total(iov: &[libc::iovec]) -> usize {
+    iov.iter().map(|v| v.iov_len).sum()
+}
+
+impl TapIo for FakeTap {
+    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let frame = self
+            .rx
+            .pop_front()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+        assert!(iov_total(iov) >= frame.len(), "the data path must offer room for a whole frame");
+        let mut off = 0;
+        for v in iov {
+            let n = v.iov_len.min(frame.len() - off);
+            // SAFETY: the iovecs point into guest memory or the RX scratch buffer.
+            unsafe { std::ptr::copy_nonoverlapping(frame[off..].as_ptr(), v.iov_base.cast(), n) };
+            off += n;
+            if off == frame.len() {
+                break;
+            }
+        }
+        Ok(frame.len())
+    }
+
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if let Some(e) = self.tx_error {
+            return Err(io::Error::from_raw_os_error(e));
+        }
+        let mut out = Vec::new();
+        for v in iov {
+            // SAFETY: the iovecs point into guest memory.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) });
+        }
+        let n = out.len();
+        self.tx.push(out);
+        Ok(n)
+    }
+}
+
+fn mem() -> GuestMemoryMmap<()> {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+/// Used ring entries (id, len) published so far.
+fn used(m: &GuestMemoryMmap<()>, q: &Queue) -> Vec<(u32, u32)> {
+    let base = q.used_ring();
+    let idx: u16 = m.read_obj(GuestAddress(base + 2)).unwrap();
+    (0..idx as u64)
+        .map(|i| {
+            let e = base + 4 + 8 * (i % QSIZE as u64);
+            (m.read_obj(GuestAddress(e)).unwrap(), m.read_obj(GuestAddress(e + 4)).unwrap())
+        })
+        .collect()
+}
+
+fn frame(payload_len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f[0] = 1; // NEEDS_CSUM, to check the header passes untouched
+    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    f
+}
+
+#[test]
+fn tx_moves_split_and_indirect_chains_to_the_tap() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let f1 = frame(100, 1);
+    let f2 = frame(1400, 2);
+    // Chain 0: header and payload in separate descriptors.
+    m.write_slice(&f1[..12], GuestAddress(BUF)).unwrap();
+    m.write_slice(&f1[12..], GuestAddress(BUF + 0x1000)).unwrap();
+    // Chain 1: indirect table with three descriptors.
+    let table = BUF + 0x10000;
+    m.write_slice(&f2[..12], GuestAddress(BUF + 0x2000)).unwrap();
+    m.write_slice(&f2[12..700], GuestAddress(BUF + 0x3000)).unwrap();
+    m.write_slice(&f2[700..], GuestAddress(BUF + 0x4000)).unwrap();
+    for (i, (a, l, fl, nx)) in [
+        (BUF + 0x2000, 12u32, N, 1u16),
+        (BUF + 0x3000, 688, N, 2),
+        (BUF + 0x4000, (f2.len() - 700) as u32, 0, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        m.write_obj(d(a, l, fl, nx), GuestAddress(table + 16 * i as u64)).unwrap();
+    }
+    vq.add_desc_chains(
+        &[
+            d(BUF, 12, N, 1),
+            d(BUF + 0x1000, 100, 0, 0),
+            d(table, 48, VRING_DESC_F_INDIRECT as u16, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 2);
+    assert_eq!(r.counts.bytes, 100 + 1400);
+    assert_eq!(r.counts.bad_chains, 0);
+    assert_eq!(tap.tx, vec![f1, f2]);
+    assert_eq!(used(&m, &q), vec![(0, 0), (2, 0)]);
+    assert!(!r.blocked && !r.more);
+}
+
+/// Writes descriptors at their table slots and publishes `heads` on the avail ring.
+fn publish(m: &GuestMemoryMmap<()>, vq: &MockSplitQueue<GuestMemoryMmap<()>>, descs: &[(u16, RawDescriptor)], heads: &[u16]) {
+    for &(i, desc) in descs {
+        vq.desc_table().store(i, desc).unwrap();
+    }
+    let avail = vq.avail_addr().0;
+    let idx: u16 = m.read_obj(GuestAddress(avail + 2)).unwrap();
+    for (k, &h) in heads.iter().enumerate() {
+        let slot = (idx as u64 + k as u64) % QSIZE as u64;
+        m.write_obj(h, GuestAddress(avail + 4 + 2 * slot)).unwrap();
+    }
+    m.write_obj(idx.wrapping_add(heads.len() as u16), GuestAddress(avail + 2)).unwrap();
+}
+
+#[test]
+fn tx_rejects_malformed_chains_and_keeps_going() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let good = frame(60, 9);
+    m.write_slice(&good, GuestAddress(BUF)).unwrap();
+    // A bad indirect table: length not a multiple of 16.
+    publish(
+        &m,
+        &vq,
+        &[
+            // 0: outside guest memory.
+            (0, d(MEM_SIZE as u64 - 8, 64, 0, 0)),
+            // 1: device-writable buffer in a TX chain.
+            (1, d(BUF, 72, W, 0)),
+            // 2: shorter than the virtio-net header.
+            (2, d(BUF, 8, 0, 0)),
+            // 3 -> 4 -> 3: a loop.
+            (3, d(BUF, 12, N, 4)),
+            (4, d(BUF, 12, N, 3)),
+            // 5: next index out of range.
+            (5, d(BUF, 12, N, 999)),
+            // 6: indirect table with a bad length.
+            (6, d(BUF, 20, VRING_DESC_F_INDIRECT as u16, 0)),
+            // 7: good.
+            (7, d(BUF, good.len() as u32, 0, 0)),
+        ],
+        &[0, 1, 2, 3, 5, 6, 7],
+    );
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.bad_chains, 6, "{r:?}");
+    assert_eq!(r.counts.packets, 1);
+    assert_eq!(tap.tx, vec![good]);
+    let u = used(&m, &q);
+    assert_eq!(u.len(), 7, "every chain is completed, bad ones with length 0");
+    assert!(u.iter().all(|&(_, len)| len == 0));
+    assert_eq!(u.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 5, 6, 7]);
+}
+
+#[test]
+fn tx_tap_would_block_gives_the_chain_back() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        tx_error: Some(libc::EAGAIN),
+        ..Default::default()
+    };
+    let mut tx = TxPath::new();
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(r.blocked);
+    assert_eq!(q.next_avail(), 0);
+    assert!(used(&m, &q).is_empty());
+    tap.tx_error = None;
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1);
+    assert_eq!(used(&m, &q), vec![(0, 0)]);
+    // A hard error drops and completes the frame.
+    vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 1).unwrap();
+    tap.tx_error = Some(libc::EINVAL);
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!((r.counts.dropped, r.counts.tap_errors, r.counts.used), (1, 1, 1));
+}
+
+#[test]
+fn tx_budget_bounds_one_run() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let descs: Vec<_> = (0..200).map(|_| d(BUF, 80, 0, 0)).collect();
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let mut tx = TxPath::new();
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 64);
+    assert_eq!((r.counts.packets, r.more), (64, true));
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!((r.counts.packets, r.more), (136, false));
+}
+
+fn rx_setup(m: &GuestMemoryMmap<()>, vq: &MockSplitQueue<GuestMemoryMmap<()>>, bufs: &[u32], first: u16) {
+    let descs: Vec<_> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| d(BUF + 0x10000 * (first as u64 + i as u64), len, W, 0))
+        .collect();
+    vq.add_desc_chains(&descs, first).unwrap();
+    let _ = m;
+}
+
+fn read_guest(m: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    m.read_slice(&mut v, GuestAddress(addr)).unwrap();
+    v
+}
+
+#[test]
+fn rx_small_frames_fill_one_buffer_each() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048, 2048, 2048], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let f1 = frame(60, 3);
+    let f2 = frame(1500, 4);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([f1.clone(), f2.clone()]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 2);
+    assert!(r.tap_empty);
+    assert_eq!(used(&m, &q), vec![(0, f1.len() as u32), (1, f2.len() as u32)]);
+    let mut want1 = f1.clone();
+    want1[10] = 1; // num_buffers = 1
+    assert_eq!(read_guest(&m, BUF, f1.len()), want1);
+    assert_eq!(read_guest(&m, BUF + 0x10000 + 12, 1500), f2[12..]);
+    assert_eq!(q.next_avail(), 2, "the chain offered for the EAGAIN read is given back");
+}
+
+#[test]
+fn rx_mergeable_frame_spans_buffers_with_num_buffers() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[1500, 1500, 1500, 1500], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let big = frame(4000, 5); // 4012 bytes with the header: 1500 + 1500 + 1012
+    let mut tap = FakeTap {
+        rx: VecDeque::from([big.clone()]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1);
+    assert_eq!(r.counts.bytes, 4000);
+    assert_eq!(used(&m, &q), vec![(0, 1500), (1, 1500), (2, 1012)]);
+    let mut got = read_guest(&m, BUF, 1500);
+    got.extend(read_guest(&m, BUF + 0x10000, 1500));
+    got.extend(read_guest(&m, BUF + 0x20000, 1012));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+    got[10] = 0;
+    assert_eq!(got, big);
+}
+
+#[test]
+fn rx_mergeable_waits_for_more_buffers_without_publishing_a_partial_frame() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[1500, 1500], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let big = frame(4000, 6);
+    let small = frame(40, 7);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([big.clone(), small.clone()]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(r.no_buffers && rx.has_pending());
+    assert_eq!(r.counts.packets, 0);
+    assert!(used(&m, &q).is_empty(), "nothing of a partial frame is visible to the guest");
+    assert_eq!(tap.rx.len(), 1, "no further frame is read while one is pending");
+    rx_setup(&m, &vq, &[1500, 1500], 2);
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 2);
+    assert_eq!(used(&m, &q), vec![(0, 1500), (1, 1500), (2, 1012), (3, small.len() as u32)]);
+    assert!(!rx.has_pending());
+}
+
+#[test]
+fn rx_pending_frame_is_given_back_when_the_ring_stops() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[1500], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(4000, 1)]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(q.next_avail(), 1);
+    assert!(rx.abandon_pending(&mut q));
+    assert_eq!(q.next_avail(), 0, "held chains return to the guest");
+}
+
+#[test]
+fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[1526], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let big = frame(3000, 1);
+    let ok = frame(1000, 2);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([big, ok.clone()]),
+        ..Default::default()
+    };
+    let hdr = HdrLayout {
+        len: 12,
+        mergeable: false,
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, hdr, 256);
+    assert_eq!((r.counts.dropped, r.counts.packets), (1, 1));
+    assert_eq!(used(&m, &q), vec![(0, ok.len() as u32)]);
+}
+
+#[test]
+fn rx_tso_frame_keeps_its_vnet_header() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    // Linux with GUEST_TSO and mergeable buffers posts page-sized buffers.
+    let bufs: Vec<u32> = (0..20).map(|_| 4096).collect();
+    rx_setup(&m, &vq, &bufs, 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut gso = frame(60000, 8);
+    // virtio_net_hdr: flags NEEDS_CSUM, gso_type TCPV4, hdr_len 66, gso_size 1448, csum 34/16.
+    gso[..10].copy_from_slice(&[1, 1, 66, 0, 0xa8, 0x05, 34, 0, 16, 0]);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([gso.clone()]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1);
+    let u = used(&m, &q);
+    assert_eq!(u.len(), 15); // 60012 bytes over 4096-byte buffers
+    assert_eq!(u.iter().map(|e| e.1 as usize).sum::<usize>(), gso.len());
+    let hdr = read_guest(&m, BUF, 12);
+    assert_eq!(&hdr[..10], &gso[..10]);
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 15);
+    assert!(gso.len() < MAX_FRAME);
+}
+
+#[test]
+fn rx_rejects_bad_chains() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    vq.add_desc_chains(
+        &[
+            d(BUF, 2048, 0, 0),                       // read-only buffer in RX
+            d(BUF, 4, W, 0),                          // too short for the header
+            d(MEM_SIZE as u64 + 0x1000, 2048, W, 0), // outside memory
+            d(BUF, 2048, W, 0),                       // good
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let f = frame(100, 1);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([f.clone()]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!((r.counts.bad_chains, r.counts.packets), (3, 1));
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 0), (3, f.len() as u32)]);
+}
+
+#[test]
+fn event_idx_signalling_follows_used_event() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048, 2048, 2048, 2048], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.set_event_idx(true);
+    let used_event_addr = GuestAddress(q.avail_ring() + 4 + 2 * QSIZE as u64);
+    // The guest wants an interrupt once the used index passes 1 (i.e. after 2 entries).
+    m.write_obj(1u16, used_event_addr).unwrap();
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(10, 1)]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(!should_notify(&mut q, &m, false), "1 used entry: used_event 1 not reached");
+    tap.rx.push_back(frame(10, 2));
+    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(should_notify(&mut q, &m, false), "2nd entry crosses used_event");
+    tap.rx.push_back(frame(10, 3));
+    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(!should_notify(&mut q, &m, false), "already signalled past used_event");
+    // Out of buffers: EVENT_IDX re-arms RX kicks through avail_event = next_avail.
+    tap.rx.push_back(frame(10, 4));
+    tap.rx.push_back(frame(10, 5));
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(r.no_buffers);
+    assert_eq!(q.next_avail(), 4);
+    let avail_event: u16 = m
+        .read_obj(GuestAddress(q.used_ring() + 4 + 8 * QSIZE as u64))
+        .unwrap();
+    assert_eq!(avail_event, q.next_avail());
+}
+
+#[test]
+fn flags_signalling_without_event_idx() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    assert!(should_notify(&mut q, &m, false));
+    // VRING_AVAIL_F_NO_INTERRUPT.
+    m.write_obj(1u16, GuestAddress(q.avail_ring())).unwrap();
+    assert!(!should_notify(&mut q, &m, false));
+    // The ring still has one buffer: NOTIFY_ON_EMPTY does not apply yet.
+    assert!(!should_notify(&mut q, &m, true));
+    q.set_next_avail(1);
+    assert!(should_notify(&mut q, &m, true), "NOTIFY_ON_EMPTY overrides when the ring is empty");
+    // Kick suppression: TX processing sets VRING_USED_F_NO_NOTIFY while it works and clears it
+    // when the ring is empty.
+    let mut tap = FakeTap::default();
+    q.set_next_avail(0);
+    TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let used_flags: u16 = m.read_obj(GuestAddress(q.used_ring())).unwrap();
+    assert_eq!(used_flags, 0, "kicks re-enabled once the ring is drained");
+}
