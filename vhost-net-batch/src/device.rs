@@ -16,6 +16,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::datapath::{should_notify, HdrLayout, RxPath, TapFd, TxPath, BATCH_BUDGET};
 use crate::metrics::VmMetrics;
@@ -73,6 +74,15 @@ pub fn tap_event_id(queue_pairs: u16) -> u64 {
     2 * queue_pairs as u64 + 1
 }
 
+/// Event id of a worker's reschedule eventfd.
+pub fn resched_event_id(queue_pairs: u16) -> u64 {
+    tap_event_id(queue_pairs) + 1
+}
+
+/// Rounds of TX+RX budgets one wake-up may run before yielding to the event loop, so ring
+/// stops, exit requests and other events are never starved by a frontend that keeps a ring full.
+pub const MAX_ROUNDS: usize = 4;
+
 /// Per-queue-pair worker state, owned by that pair's thread.
 struct Worker {
     tap: TapFd,
@@ -80,6 +90,8 @@ struct Worker {
     tx: TxPath,
     tap_readable: bool,
     tx_blocked: bool,
+    /// Written when work is left after `MAX_ROUNDS`; wakes the worker again through epoll.
+    resched: EventFd,
     /// The pair's vrings, remembered so a ring stop can give back held RX chains.
     vrings: Option<[VringRwLock; 2]>,
 }
@@ -98,21 +110,22 @@ pub struct NetDevice {
 
 impl NetDevice {
     /// A device for VM `vm` over `tap` (one tap queue per queue pair).
-    pub fn new(vm: &str, tap: Arc<Tap>, mem: GuestMem, metrics: Arc<VmMetrics>) -> Self {
+    pub fn new(vm: &str, tap: Arc<Tap>, mem: GuestMem, metrics: Arc<VmMetrics>) -> io::Result<Self> {
         let queue_pairs = tap.num_queues() as u16;
         let workers = (0..queue_pairs as usize)
             .map(|i| {
-                Mutex::new(Worker {
+                Ok(Mutex::new(Worker {
                     tap: TapFd(tap.queue_fd(i)),
                     rx: RxPath::new(),
                     tx: TxPath::new(),
                     tap_readable: true,
                     tx_blocked: false,
+                    resched: EventFd::new(EFD_NONBLOCK)?,
                     vrings: None,
-                })
+                }))
             })
-            .collect();
-        NetDevice {
+            .collect::<io::Result<_>>()?;
+        Ok(NetDevice {
             vm: vm.to_string(),
             queue_pairs,
             tap,
@@ -121,7 +134,12 @@ impl NetDevice {
             workers,
             acked: Mutex::new((0, HdrLayout::default())),
             exit_fds: Mutex::new(Vec::new()),
-        }
+        })
+    }
+
+    /// The reschedule eventfd of queue pair `qp`, for registration in its worker's epoll.
+    pub fn resched_fd(&self, qp: usize) -> RawFd {
+        self.workers[qp].lock().unwrap().resched.as_raw_fd()
     }
 
     /// Features the frontend acked (0 before SET_FEATURES).
@@ -148,7 +166,14 @@ impl NetDevice {
         let mut tx_ring = vrings[1].get_mut();
         let rx_ok = rx_ring.is_enabled() && rx_ring.get_queue().ready();
         let tx_ok = tx_ring.is_enabled() && tx_ring.get_queue().ready();
-        loop {
+        tracing::trace!(
+            qp, rx_ok, tx_ok,
+            tx_valid = tx_ring.get_queue().is_valid(&*mem),
+            tx_avail = ?tx_ring.get_queue().avail_idx(&*mem, std::sync::atomic::Ordering::Acquire),
+            tx_next = tx_ring.get_queue().next_avail(),
+            "worker wake-up"
+        );
+        for round in 0.. {
             let mut again = false;
             if tx_ok && !w.tx_blocked {
                 let r = w.tx.run(tx_ring.get_queue_mut(), &*mem, &mut w.tap, hdr, BATCH_BUDGET);
@@ -175,6 +200,11 @@ impl NetDevice {
                 }
             }
             if !again {
+                break;
+            }
+            if round + 1 == MAX_ROUNDS {
+                // Work is left: yield to the event loop and come back through the eventfd.
+                let _ = w.resched.write(1);
                 break;
             }
         }
@@ -282,6 +312,9 @@ impl VhostUserBackend for NetDevice {
             }
             1 => {
                 stats.tx_kicks.fetch_add(1, Relaxed);
+            }
+            id if id == resched_event_id(self.queue_pairs) => {
+                let _ = w.resched.read();
             }
             id if id == tap_event_id(self.queue_pairs) => {
                 if evset.contains(EventSet::IN) {

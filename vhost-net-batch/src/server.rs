@@ -16,7 +16,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::config::VmConfig;
-use crate::device::{tap_event_id, NetDevice};
+use crate::device::{resched_event_id, tap_event_id, NetDevice};
 use crate::metrics::VmMetrics;
 use crate::shim;
 use crate::tap::{Tap, TapError};
@@ -199,7 +199,7 @@ impl VmSlot {
             self.tap.clone(),
             mem.clone(),
             self.metrics.clone(),
-        ));
+        )?);
         let result = self.run_daemon(&device, mem, &frontend);
         // Every worker thread has been joined: the exit eventfds are ours to close.
         device.close_exit_consumers();
@@ -220,6 +220,12 @@ impl VmSlot {
                 self.tap.queue_fd(i),
                 EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 tap_id,
+            )
+            .map_err(ConnError::Internal)?;
+            h.register_listener(
+                device.resched_fd(i),
+                EventSet::IN,
+                resched_event_id(self.cfg.queues),
             )
             .map_err(ConnError::Internal)?;
         }

@@ -340,7 +340,7 @@ pub fn relay(frontend: &UnixStream, backend: &UnixStream) -> Result<(), ShimErro
             let Some(mut msg) = recv_message(frontend)? else {
                 return Ok(());
             };
-            tracing::trace!(request = msg.request, flags = msg.flags, len = msg.payload.len(), "vhost-user");
+            tracing::trace!(request = msg.request, flags = msg.flags, len = msg.payload.len(), arg = ?msg.payload_u64(), "vhost-user");
             match state.on_frontend(&msg) {
                 Action::Forward => send_message(backend, &msg)?,
                 Action::Defer { ack } => {

@@ -1,0 +1,282 @@
+//! Support for in-process tests: a private network namespace, guest memory in a memfd, virtqueues
+//! laid out in it, and a packet socket on the tap.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_net_batch::config::VmConfig;
+use vhost_net_batch::server::VmSlot;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Guest memory size.
+pub const MEM_SIZE: usize = 16 << 20;
+/// Queue size used by the tests.
+pub const QSIZE: u16 = 256;
+/// RX ring at 0, TX ring at 64 KiB, buffers from 1 MiB.
+pub const RX_RING: u64 = 0;
+/// TX ring base.
+pub const TX_RING: u64 = 0x1_0000;
+/// First buffer address.
+pub const BUF: u64 = 0x10_0000;
+
+/// Fails with a message saying what to install when a prerequisite is missing.
+pub fn require_root_and_ip() {
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(unsafe { libc::getuid() }, 0, "this test needs root (tap devices and network namespaces); run `make test` as root");
+    let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "`ip` not found: install iproute2 (ci/setup.sh does)");
+    assert!(std::path::Path::new("/dev/net/tun").exists(), "/dev/net/tun missing: `modprobe tun`");
+}
+
+/// A network namespace made for one test; deleted on drop.
+pub struct Netns {
+    /// Its name.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `vnbt-<tag>-<pid>` and moves the calling thread into it.
+    pub fn enter(tag: &str) -> Self {
+        require_root_and_ip();
+        let name = format!("vnbt-{tag}-{}", std::process::id());
+        if std::path::Path::new(&format!("/var/run/netns/{name}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+        let st = Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+        assert!(st.success(), "ip netns add {name} failed");
+        let f = File::open(format!("/var/run/netns/{name}")).unwrap();
+        // SAFETY: setns on a valid netns fd affects only the calling thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+        Netns { name }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Starts a VM slot (tap in the current thread's namespace) serving on its own thread.
+pub fn start_slot(name: &str, tap: &str, sock: &std::path::Path) -> Arc<VmSlot> {
+    let cfg = VmConfig {
+        name: name.into(),
+        socket: sock.into(),
+        tap: tap.into(),
+        queues: 1,
+        mac: None,
+    };
+    let slot = Arc::new(VmSlot::open(cfg).expect("open VM slot"));
+    let s = slot.clone();
+    std::thread::spawn(move || s.serve_forever());
+    slot
+}
+
+/// Guest memory backed by a memfd, as QEMU's memory-backend-memfd.
+pub fn guest_memory() -> GuestMemoryMmap<()> {
+    // SAFETY: memfd_create with a static NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"vnb-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: we own the new fd.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)))]).unwrap()
+}
+
+/// A split-ring descriptor.
+pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+/// Virtio features the test frontend acks.
+pub fn test_features() -> u64 {
+    (1u64 << 32) // VERSION_1
+        | (1 << 15) // MRG_RXBUF
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// A configured frontend: memory table, two rings, call/kick eventfds.
+pub struct Guest<'a> {
+    pub fe: Frontend,
+    pub mem: &'a GuestMemoryMmap<()>,
+    pub rx: MockSplitQueue<'a, GuestMemoryMmap<()>>,
+    pub tx: MockSplitQueue<'a, GuestMemoryMmap<()>>,
+    pub kick: [EventFd; 2],
+    pub call: [EventFd; 2],
+}
+
+impl<'a> Guest<'a> {
+    /// Negotiates and sets up rings over `fe` (an already connected frontend). When
+    /// `negotiate` is false the caller already did GET/SET_FEATURES and protocol features.
+    pub fn setup(mut fe: Frontend, mem: &'a GuestMemoryMmap<()>, negotiate: bool) -> Self {
+        if negotiate {
+            fe.set_owner().unwrap();
+            let offered = fe.get_features().unwrap();
+            assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+            let proto = fe.get_protocol_features().unwrap();
+            assert!(proto.contains(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
+            fe.set_protocol_features(VhostUserProtocolFeatures::MQ).unwrap();
+        }
+        fe.set_features(test_features()).unwrap();
+        let region = mem.iter().next().unwrap();
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+        fe.set_mem_table(&[info]).unwrap();
+        let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), QSIZE);
+        let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), QSIZE);
+        let kick = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
+        let call = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
+        let host = region.as_ptr() as u64;
+        for (i, q) in [&rx, &tx].into_iter().enumerate() {
+            fe.set_vring_num(i, QSIZE).unwrap();
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: host + q.desc_table_addr().0,
+                    used_ring_addr: host + q.used_addr().0,
+                    avail_ring_addr: host + q.avail_addr().0,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(i, 0).unwrap();
+            fe.set_vring_call(i, &call[i]).unwrap();
+            fe.set_vring_kick(i, &kick[i]).unwrap();
+            fe.set_vring_enable(i, true).unwrap();
+        }
+        Guest { fe, mem, rx, tx, kick, call }
+    }
+
+    /// Used ring entries (id, len) of queue `q` (0 RX, 1 TX).
+    pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
+        let base = if q == 0 { self.rx.used_addr().0 } else { self.tx.used_addr().0 };
+        let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).unwrap();
+        (0..idx as u64)
+            .map(|i| {
+                let e = base + 4 + 8 * (i % QSIZE as u64);
+                (self.mem.read_obj(GuestAddress(e)).unwrap(), self.mem.read_obj(GuestAddress(e + 4)).unwrap())
+            })
+            .collect()
+    }
+
+    /// Waits until queue `q` has at least `n` used entries.
+    pub fn wait_used(&self, q: usize, n: usize, timeout: Duration) -> Vec<(u32, u32)> {
+        let end = Instant::now() + timeout;
+        loop {
+            let u = self.used(q);
+            if u.len() >= n || Instant::now() > end {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Puts `frame` (with a zero virtio-net header prepended) on the TX ring at descriptor `i`
+    /// and kicks.
+    pub fn send(&self, i: u16, frame: &[u8]) {
+        let addr = BUF + 0x1_0000 * i as u64;
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(frame);
+        self.mem.write_slice(&buf, GuestAddress(addr)).unwrap();
+        self.tx.add_desc_chains(&[desc(addr, buf.len() as u32, 0, 0)], i).unwrap();
+        self.kick[1].write(1).unwrap();
+    }
+
+    /// Posts `n` RX buffers of `len` bytes starting at descriptor `first` and kicks.
+    pub fn post_rx(&self, first: u16, n: u16, len: u32) {
+        let descs: Vec<_> = (0..n)
+            .map(|k| desc(BUF + 0x80_0000 + 0x1_0000 * (first + k) as u64, len, 2, 0))
+            .collect();
+        self.rx.add_desc_chains(&descs, first).unwrap();
+        self.kick[0].write(1).unwrap();
+    }
+
+    /// Bytes of the RX buffer of descriptor `i`.
+    pub fn rx_buf(&self, i: u16, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(BUF + 0x80_0000 + 0x1_0000 * i as u64)).unwrap();
+        v
+    }
+}
+
+/// A raw packet socket bound to an interface in the current namespace.
+pub struct PacketSocket(OwnedFd);
+
+impl PacketSocket {
+    /// Opens and binds to `ifname`, with a receive timeout.
+    pub fn bind(ifname: &str) -> Self {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) };
+        assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+        // SAFETY: we own the new fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let idx = vhost_net_batch::tap::if_index(ifname).expect("tap exists");
+        // SAFETY: sockaddr_ll is plain data.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = idx as i32;
+        // SAFETY: binding with a valid sockaddr_ll.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        // SAFETY: setting a timeval option.
+        unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+        PacketSocket(fd)
+    }
+
+    /// Receives frames until one satisfies `pred` or `timeout` passes.
+    pub fn recv_matching(&self, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let end = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < end {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 && pred(&buf[..n as usize]) {
+                return Some(buf[..n as usize].to_vec());
+            }
+        }
+        None
+    }
+
+    /// Sends one frame out of the interface (into the tap, so towards the guest).
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: frame is valid for reads of its length.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n as usize, frame.len(), "send: {}", io::Error::last_os_error());
+    }
+}
+
+/// An Ethernet frame with a recognisable payload (local experimental EtherType 0x88B6).
+pub fn test_frame(seq: u8, len: usize) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x52, 0x54, 0x00, 0xaa, 0xbb, seq]);
+    f.extend_from_slice(&[0x88, 0xb6]);
+    f.extend((0..len.saturating_sub(14)).map(|i| (i as u8) ^ seq));
+    f
+}
+
+/// Open descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
