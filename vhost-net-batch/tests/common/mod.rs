@@ -71,11 +71,16 @@ impl Drop for Netns {
 
 /// Starts a VM slot (tap in the current thread's namespace) serving on its own thread.
 pub fn start_slot(name: &str, tap: &str, sock: &std::path::Path) -> Arc<VmSlot> {
+    start_slot_mq(name, tap, sock, 1)
+}
+
+/// As [`start_slot`] with `queues` queue pairs.
+pub fn start_slot_mq(name: &str, tap: &str, sock: &std::path::Path, queues: u16) -> Arc<VmSlot> {
     let cfg = VmConfig {
         name: name.into(),
         socket: sock.into(),
         tap: tap.into(),
-        queues: 1,
+        queues,
         mac: None,
     };
     let slot = Arc::new(VmSlot::open(cfg).expect("open VM slot"));
@@ -128,6 +133,9 @@ impl<'a> Guest<'a> {
             let proto = fe.get_protocol_features().unwrap();
             assert!(proto.contains(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
             fe.set_protocol_features(VhostUserProtocolFeatures::MQ).unwrap();
+        } else {
+            // The frontend object only acks what it saw offered (QEMU re-reads features too).
+            fe.get_features().unwrap();
         }
         fe.set_features(test_features()).unwrap();
         let region = mem.iter().next().unwrap();
@@ -279,4 +287,12 @@ pub fn fd_count() -> usize {
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// A fresh temporary directory.
+pub fn tempdir() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let d = std::env::temp_dir().join(format!("vnb-test-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
