@@ -296,3 +296,115 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Repository root (the workspace).
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Fails, saying what to install, when a command is missing.
+pub fn require_cmd(cmd: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "`{cmd}` not found: install {package} (run ci/setup.sh as root)");
+}
+
+/// Runs a command, failing the test with its output if it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A namespace made with ci/netns.sh for out-of-process tests; everything in it is killed and
+/// it is deleted on drop.
+pub struct ScriptNetns {
+    /// Its name.
+    pub name: String,
+}
+
+impl ScriptNetns {
+    /// Creates `vnb<tag><pid%10000>`.
+    pub fn create(tag: &str) -> Self {
+        require_root_and_ip();
+        let name = format!("vnb{tag}{}", std::process::id() % 10000);
+        run_ok(Command::new(repo().join("ci/netns.sh")).args(["create", &name]));
+        ScriptNetns { name }
+    }
+
+    /// `ip netns exec NS args...`
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+}
+
+impl Drop for ScriptNetns {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("ci/netns.sh")).args(["delete", &self.name]).status();
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// User+system CPU seconds it has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// User+system CPU seconds of a process (all its threads).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Starts the backend binary in namespace `ns` for one VM; waits for its socket.
+pub fn spawn_backend(ns: &ScriptNetns, vm: &str, sock: &std::path::Path, tap: &str, extra: &[&str]) -> Proc {
+    let _ = std::fs::remove_file(sock);
+    let log = std::fs::File::create(sock.with_extension("log")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_vhost-net-batch");
+    let child = ns
+        .cmd(&[bin, "serve", "--vm", vm, "--socket", sock.to_str().unwrap(), "--tap", tap])
+        .args(extra)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "backend did not create {}; log: {}", sock.display(),
+            std::fs::read_to_string(sock.with_extension("log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
