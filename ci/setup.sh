@@ -9,6 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+command -v cargo >/dev/null 2>&1 || { echo "ci/setup.sh: cargo not found; install the Rust toolchain (rustup, Rust >= 1.85) first" >&2; exit 1; }
+
 export DEBIAN_FRONTEND=noninteractive
 BPO=/etc/apt/sources.list.d/bookworm-backports.sources
 if [ ! -f "$BPO" ]; then
@@ -22,7 +24,7 @@ SRC
   rm -f /var/lib/vnb-apt-updated
 fi
 
-PKGS=(iperf3 busybox-static apache2-utils dpdk dpdk-dev iproute2 ethtool cpio kmod
+PKGS=(iperf3 busybox-static apache2-utils dpdk dpdk-dev iproute2 ethtool cpio kmod python3
       zstd xz-utils iputils-ping procps socat dbench pkg-config)
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 

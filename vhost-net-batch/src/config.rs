@@ -268,7 +268,14 @@ mod tests {
             "52:54:00:12:34:5f".parse::<MacAddr>().unwrap().0,
             [0x52, 0x54, 0, 0x12, 0x34, 0x5f]
         );
-        for bad in ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "zz:54:00:12:34:56", "01:00:5e:00:00:01", "5:54:00:12:34:56"] {
+        for bad in [
+            "",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "zz:54:00:12:34:56",
+            "01:00:5e:00:00:01",
+            "5:54:00:12:34:56",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
         let m = MacAddr::for_name("vm1");
@@ -308,7 +315,10 @@ mod tests {
         assert!(FileConfig::parse(top, Path::new("x.toml")).is_err());
         let badmac = "[[vm]]\nname = \"a\"\nsocket = \"/s\"\ntap = \"t\"\nmac = \"nope\"\n";
         assert!(FileConfig::parse(badmac, Path::new("x.toml")).is_err());
-        assert!(matches!(FileConfig::parse("", Path::new("x.toml")), Err(ConfigError::Empty)));
+        assert!(matches!(
+            FileConfig::parse("", Path::new("x.toml")),
+            Err(ConfigError::Empty)
+        ));
     }
 
     #[test]
@@ -321,11 +331,23 @@ mod tests {
         assert!(matches!(q0.validate(), Err(ConfigError::Queues { .. })));
         let mut dup = vm("b");
         dup.socket = vm("a").socket;
-        assert!(matches!(validate_all(&[vm("a"), dup]), Err(ConfigError::Duplicate { what: "socket", .. })));
-        assert!(matches!(validate_all(&[vm("a"), vm("a")]), Err(ConfigError::Duplicate { .. })));
-        assert!(matches!(vm("bad name").validate(), Err(ConfigError::BadName(_))));
+        assert!(matches!(
+            validate_all(&[vm("a"), dup]),
+            Err(ConfigError::Duplicate { what: "socket", .. })
+        ));
+        assert!(matches!(
+            validate_all(&[vm("a"), vm("a")]),
+            Err(ConfigError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            vm("bad name").validate(),
+            Err(ConfigError::BadName(_))
+        ));
         let mut longtap = vm("c");
         longtap.tap = "a-very-long-tap-name".into();
-        assert!(matches!(longtap.validate(), Err(ConfigError::BadTap { .. })));
+        assert!(matches!(
+            longtap.validate(),
+            Err(ConfigError::BadTap { .. })
+        ));
     }
 }

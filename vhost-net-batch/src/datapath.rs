@@ -178,7 +178,12 @@ fn collect_chain<M: GuestMemoryBackend>(
 }
 
 /// Writes `data` at byte `offset` of the buffer formed by `segs`.
-fn write_segs<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], mut offset: usize, mut data: &[u8]) -> bool {
+fn write_segs<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Seg],
+    mut offset: usize,
+    mut data: &[u8],
+) -> bool {
     for &(addr, len) in segs {
         let len = len as usize;
         if offset >= len {
@@ -214,8 +219,7 @@ pub fn should_notify<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, notify_on_em
         return true;
     }
     notify_on_empty
-        && q
-            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        && q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
             .map(|i| i.0 == q.next_avail())
             .unwrap_or(false)
 }
@@ -276,8 +280,13 @@ impl TxPath {
             };
             let head = chain.head_index();
             self.iov.clear();
-            let res = collect_chain(mem, chain, false, &mut self.iov, None)
-                .and_then(|n| if n < hdr.len { Err(ChainError::TooShort) } else { Ok(n) });
+            let res = collect_chain(mem, chain, false, &mut self.iov, None).and_then(|n| {
+                if n < hdr.len {
+                    Err(ChainError::TooShort)
+                } else {
+                    Ok(n)
+                }
+            });
             match res {
                 Err(e) => {
                     tracing::debug!(head, ?e, "rejecting TX chain");
@@ -358,7 +367,9 @@ impl Default for RxPath {
 
 impl std::fmt::Debug for RxPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RxPath").field("pending", &self.pending).finish()
+        f.debug_struct("RxPath")
+            .field("pending", &self.pending)
+            .finish()
     }
 }
 
@@ -431,8 +442,13 @@ impl RxPath {
             self.iov.clear();
             self.segs.clear();
             let cap = match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.segs))
-                .and_then(|n| if n < hdr.len { Err(ChainError::TooShort) } else { Ok(n) })
-            {
+                .and_then(|n| {
+                    if n < hdr.len {
+                        Err(ChainError::TooShort)
+                    } else {
+                        Ok(n)
+                    }
+                }) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(head, ?e, "rejecting RX chain");

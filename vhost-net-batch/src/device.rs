@@ -15,7 +15,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::datapath::{should_notify, HdrLayout, RxPath, TapFd, TxPath, BATCH_BUDGET};
@@ -110,7 +112,12 @@ pub struct NetDevice {
 
 impl NetDevice {
     /// A device for VM `vm` over `tap` (one tap queue per queue pair).
-    pub fn new(vm: &str, tap: Arc<Tap>, mem: GuestMem, metrics: Arc<VmMetrics>) -> io::Result<Self> {
+    pub fn new(
+        vm: &str,
+        tap: Arc<Tap>,
+        mem: GuestMem,
+        metrics: Arc<VmMetrics>,
+    ) -> io::Result<Self> {
         let queue_pairs = tap.num_queues() as u16;
         let workers = (0..queue_pairs as usize)
             .map(|i| {
@@ -166,37 +173,45 @@ impl NetDevice {
         let mut tx_ring = vrings[1].get_mut();
         let rx_ok = rx_ring.is_enabled() && rx_ring.get_queue().ready();
         let tx_ok = tx_ring.is_enabled() && tx_ring.get_queue().ready();
-        tracing::trace!(
-            qp, rx_ok, tx_ok,
-            tx_valid = tx_ring.get_queue().is_valid(&*mem),
-            tx_avail = ?tx_ring.get_queue().avail_idx(&*mem, std::sync::atomic::Ordering::Acquire),
-            tx_next = tx_ring.get_queue().next_avail(),
-            "worker wake-up"
-        );
+        tracing::trace!(qp, rx_ok, tx_ok, "worker wake-up");
         for round in 0.. {
             let mut again = false;
             if tx_ok && !w.tx_blocked {
-                let r = w.tx.run(tx_ring.get_queue_mut(), &*mem, &mut w.tap, hdr, BATCH_BUDGET);
+                let r = w.tx.run(
+                    tx_ring.get_queue_mut(),
+                    &*mem,
+                    &mut w.tap,
+                    hdr,
+                    BATCH_BUDGET,
+                );
                 w.tx_blocked = r.blocked;
                 again |= r.more;
                 stats.add_tx(&r.counts);
-                if r.counts.used > 0 && should_notify(tx_ring.get_queue_mut(), &*mem, notify_on_empty) {
-                    if tx_ring.signal_used_queue().is_ok() {
-                        stats.tx_interrupts.fetch_add(1, Relaxed);
-                    }
+                if r.counts.used > 0
+                    && should_notify(tx_ring.get_queue_mut(), &*mem, notify_on_empty)
+                    && tx_ring.signal_used_queue().is_ok()
+                {
+                    stats.tx_interrupts.fetch_add(1, Relaxed);
                 }
             }
             if rx_ok && (w.tap_readable || w.rx.has_pending()) {
-                let r = w.rx.run(rx_ring.get_queue_mut(), &*mem, &mut w.tap, hdr, BATCH_BUDGET);
+                let r = w.rx.run(
+                    rx_ring.get_queue_mut(),
+                    &*mem,
+                    &mut w.tap,
+                    hdr,
+                    BATCH_BUDGET,
+                );
                 if r.tap_empty {
                     w.tap_readable = false;
                 }
                 again |= r.more;
                 stats.add_rx(&r.counts);
-                if r.counts.used > 0 && should_notify(rx_ring.get_queue_mut(), &*mem, notify_on_empty) {
-                    if rx_ring.signal_used_queue().is_ok() {
-                        stats.rx_interrupts.fetch_add(1, Relaxed);
-                    }
+                if r.counts.used > 0
+                    && should_notify(rx_ring.get_queue_mut(), &*mem, notify_on_empty)
+                    && rx_ring.signal_used_queue().is_ok()
+                {
+                    stats.rx_interrupts.fetch_add(1, Relaxed);
                 }
             }
             if !again {
@@ -273,7 +288,7 @@ impl VhostUserBackend for NetDevice {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let qp = queue_index as usize / 2;
-        if queue_index % 2 == 0 {
+        if queue_index.is_multiple_of(2) {
             if let Some(w) = self.workers.get(qp) {
                 let mut w = w.lock().unwrap();
                 if let Some(vrings) = w.vrings.clone() {
@@ -341,7 +356,10 @@ mod tests {
         // TSO without GUEST_CSUM is not allowed by the spec; the tap must not get it either.
         assert_eq!(tap_offloads(1 << VIRTIO_NET_F_GUEST_TSO4), 0);
         let all = offered_features(1);
-        assert_eq!(tap_offloads(all), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN);
+        assert_eq!(
+            tap_offloads(all),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
         assert_eq!(
             tap_offloads(1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO6),
             TUN_F_CSUM | TUN_F_TSO6
@@ -352,6 +370,10 @@ mod tests {
     fn mq_offered_only_with_several_pairs() {
         assert_eq!(offered_features(1) & (1 << VIRTIO_NET_F_MQ), 0);
         assert_ne!(offered_features(4) & (1 << VIRTIO_NET_F_MQ), 0);
-        assert_ne!(offered_features(1) & (1 << 30), 0, "PROTOCOL_FEATURES offered");
+        assert_ne!(
+            offered_features(1) & (1 << 30),
+            0,
+            "PROTOCOL_FEATURES offered"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! - [`device`]: the virtio-net device model and its queue-pair workers;
 //! - [`shim`]: the message-level shim that makes stock QEMU's connect sequence acceptable;
 //! - [`server`]: per-VM sockets, connections and reconnects;
-//! - [`metrics`]: counters.
+//! - [`metrics`]: counters per VM and queue pair.
 
 pub mod config;
 pub mod datapath;

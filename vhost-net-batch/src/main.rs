@@ -9,7 +9,11 @@ use vhost_net_batch::config::{validate_all, FileConfig, MacAddr, VmConfig};
 use vhost_net_batch::server::VmSlot;
 
 #[derive(Parser)]
-#[command(name = "vhost-net-batch", version, about = "vhost-user virtio-net backend with notification batching")]
+#[command(
+    name = "vhost-net-batch",
+    version,
+    about = "vhost-user virtio-net backend with notification batching"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

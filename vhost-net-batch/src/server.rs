@@ -175,8 +175,12 @@ impl VmSlot {
                     self.metrics.connections.fetch_add(1, Relaxed);
                     tracing::info!(vm = %self.cfg.name, "frontend connected");
                     match self.serve_connection(stream) {
-                        Ok(()) => tracing::info!(vm = %self.cfg.name, "frontend disconnected; listening again"),
-                        Err(e) => tracing::warn!(vm = %self.cfg.name, %e, "frontend connection ended with an error; listening again"),
+                        Ok(()) => {
+                            tracing::info!(vm = %self.cfg.name, "frontend disconnected; listening again")
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %self.cfg.name, %e, "frontend connection ended with an error; listening again")
+                        }
                     }
                     let t = self.metrics.total();
                     tracing::info!(vm = %self.cfg.name, ?t, "counters");
@@ -247,7 +251,11 @@ impl VmSlot {
         daemon: &mut VhostUserDaemon<Arc<NetDevice>>,
     ) -> Result<UnixStream, ConnError> {
         let seq = self.conn_seq.fetch_add(1, Relaxed);
-        let path = private_dir()?.join(format!("{}-{}-{seq}.sock", self.cfg.name, std::process::id()));
+        let path = private_dir()?.join(format!(
+            "{}-{}-{seq}.sock",
+            self.cfg.name,
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&path);
         let inner = UnixListener::bind(&path)?;
         let started = daemon.start_client(path.to_str().ok_or_else(|| {

@@ -213,11 +213,7 @@ fn send_with_fds(sock: &UnixStream, bufs: &[IoSlice<'_>], fds: &[RawFd]) -> io::
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
             (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(c),
-                fd_bytes,
-            );
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), fd_bytes);
         }
     }
     loop {
@@ -384,7 +380,10 @@ mod tests {
     #[test]
     fn early_enable_is_deferred_and_replayed() {
         let mut s = ShimState::default();
-        assert_eq!(s.on_frontend(&msg(SET_PROTOCOL_FEATURES, 1, Some(1 << 3))), Action::Forward);
+        assert_eq!(
+            s.on_frontend(&msg(SET_PROTOCOL_FEATURES, 1, Some(1 << 3))),
+            Action::Forward
+        );
         assert_eq!(
             s.on_frontend(&msg(SET_VRING_ENABLE, 1 | FLAG_NEED_REPLY, Some(1 << 32))),
             Action::Defer { ack: true }
@@ -394,7 +393,10 @@ mod tests {
             Action::ForwardThenReplay
         );
         // After SET_FEATURES, enables go straight through.
-        assert_eq!(s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(0))), Action::Forward);
+        assert_eq!(
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(0))),
+            Action::Forward
+        );
     }
 
     #[test]
@@ -404,15 +406,24 @@ mod tests {
             s.on_frontend(&msg(SET_VRING_ENABLE, 1 | FLAG_NEED_REPLY, Some(0))),
             Action::Defer { ack: false }
         );
-        assert_eq!(s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 32))), Action::ForwardAndDiscard);
+        assert_eq!(
+            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 32))),
+            Action::ForwardAndDiscard
+        );
     }
 
     #[test]
     fn reset_rearms_deferral() {
         let mut s = ShimState::default();
-        assert_eq!(s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 30))), Action::Forward);
+        assert_eq!(
+            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 30))),
+            Action::Forward
+        );
         assert_eq!(s.on_frontend(&msg(RESET_OWNER, 1, None)), Action::Forward);
-        assert!(matches!(s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))), Action::Defer { .. }));
+        assert!(matches!(
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))),
+            Action::Defer { .. }
+        ));
     }
 
     #[test]
@@ -427,7 +438,10 @@ mod tests {
         };
         send_message(&a, &m).unwrap();
         let r = recv_message(&b).unwrap().unwrap();
-        assert_eq!((r.request, r.flags, r.payload.clone()), (13, 1, m.payload.clone()));
+        assert_eq!(
+            (r.request, r.flags, r.payload.clone()),
+            (13, 1, m.payload.clone())
+        );
         assert_eq!(r.fds.len(), 1);
         drop(a);
         assert!(recv_message(&b).unwrap().is_none());

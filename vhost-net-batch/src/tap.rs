@@ -199,7 +199,12 @@ impl Tap {
         self.queues[i].as_raw_fd()
     }
 
-    fn ioctl_int(&self, what: &'static str, req: libc::c_ulong, arg: libc::c_ulong) -> Result<(), TapError> {
+    fn ioctl_int(
+        &self,
+        what: &'static str,
+        req: libc::c_ulong,
+        arg: libc::c_ulong,
+    ) -> Result<(), TapError> {
         for q in &self.queues {
             // SAFETY: these tun ioctls take an integer argument (by value or by pointer as noted
             // by the caller) and touch no other memory.

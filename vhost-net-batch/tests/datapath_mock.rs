@@ -33,7 +33,10 @@ impl TapIo for FakeTap {
             .rx
             .pop_front()
             .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
-        assert!(iov_total(iov) >= frame.len(), "the data path must offer room for a whole frame");
+        assert!(
+            iov_total(iov) >= frame.len(),
+            "the data path must offer room for a whole frame"
+        );
         let mut off = 0;
         for v in iov {
             let n = v.iov_len.min(frame.len() - off);
@@ -54,7 +57,9 @@ impl TapIo for FakeTap {
         let mut out = Vec::new();
         for v in iov {
             // SAFETY: the iovecs point into guest memory.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) });
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+            });
         }
         let n = out.len();
         self.tx.push(out);
@@ -77,7 +82,10 @@ fn used(m: &GuestMemoryMmap<()>, q: &Queue) -> Vec<(u32, u32)> {
     (0..idx as u64)
         .map(|i| {
             let e = base + 4 + 8 * (i % QSIZE as u64);
-            (m.read_obj(GuestAddress(e)).unwrap(), m.read_obj(GuestAddress(e + 4)).unwrap())
+            (
+                m.read_obj(GuestAddress(e)).unwrap(),
+                m.read_obj(GuestAddress(e + 4)).unwrap(),
+            )
         })
         .collect()
 }
@@ -97,12 +105,16 @@ fn tx_moves_split_and_indirect_chains_to_the_tap() {
     let f2 = frame(1400, 2);
     // Chain 0: header and payload in separate descriptors.
     m.write_slice(&f1[..12], GuestAddress(BUF)).unwrap();
-    m.write_slice(&f1[12..], GuestAddress(BUF + 0x1000)).unwrap();
+    m.write_slice(&f1[12..], GuestAddress(BUF + 0x1000))
+        .unwrap();
     // Chain 1: indirect table with three descriptors.
     let table = BUF + 0x10000;
-    m.write_slice(&f2[..12], GuestAddress(BUF + 0x2000)).unwrap();
-    m.write_slice(&f2[12..700], GuestAddress(BUF + 0x3000)).unwrap();
-    m.write_slice(&f2[700..], GuestAddress(BUF + 0x4000)).unwrap();
+    m.write_slice(&f2[..12], GuestAddress(BUF + 0x2000))
+        .unwrap();
+    m.write_slice(&f2[12..700], GuestAddress(BUF + 0x3000))
+        .unwrap();
+    m.write_slice(&f2[700..], GuestAddress(BUF + 0x4000))
+        .unwrap();
     for (i, (a, l, fl, nx)) in [
         (BUF + 0x2000, 12u32, N, 1u16),
         (BUF + 0x3000, 688, N, 2),
@@ -111,7 +123,8 @@ fn tx_moves_split_and_indirect_chains_to_the_tap() {
     .into_iter()
     .enumerate()
     {
-        m.write_obj(d(a, l, fl, nx), GuestAddress(table + 16 * i as u64)).unwrap();
+        m.write_obj(d(a, l, fl, nx), GuestAddress(table + 16 * i as u64))
+            .unwrap();
     }
     vq.add_desc_chains(
         &[
@@ -134,7 +147,12 @@ fn tx_moves_split_and_indirect_chains_to_the_tap() {
 }
 
 /// Writes descriptors at their table slots and publishes `heads` on the avail ring.
-fn publish(m: &GuestMemoryMmap<()>, vq: &MockSplitQueue<GuestMemoryMmap<()>>, descs: &[(u16, RawDescriptor)], heads: &[u16]) {
+fn publish(
+    m: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<GuestMemoryMmap<()>>,
+    descs: &[(u16, RawDescriptor)],
+    heads: &[u16],
+) {
     for &(i, desc) in descs {
         vq.desc_table().store(i, desc).unwrap();
     }
@@ -144,7 +162,11 @@ fn publish(m: &GuestMemoryMmap<()>, vq: &MockSplitQueue<GuestMemoryMmap<()>>, de
         let slot = (idx as u64 + k as u64) % QSIZE as u64;
         m.write_obj(h, GuestAddress(avail + 4 + 2 * slot)).unwrap();
     }
-    m.write_obj(idx.wrapping_add(heads.len() as u16), GuestAddress(avail + 2)).unwrap();
+    m.write_obj(
+        idx.wrapping_add(heads.len() as u16),
+        GuestAddress(avail + 2),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -183,9 +205,16 @@ fn tx_rejects_malformed_chains_and_keeps_going() {
     assert_eq!(r.counts.packets, 1);
     assert_eq!(tap.tx, vec![good]);
     let u = used(&m, &q);
-    assert_eq!(u.len(), 7, "every chain is completed, bad ones with length 0");
+    assert_eq!(
+        u.len(),
+        7,
+        "every chain is completed, bad ones with length 0"
+    );
     assert!(u.iter().all(|&(_, len)| len == 0));
-    assert_eq!(u.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 5, 6, 7]);
+    assert_eq!(
+        u.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 5, 6, 7]
+    );
 }
 
 #[test]
@@ -211,7 +240,10 @@ fn tx_tap_would_block_gives_the_chain_back() {
     vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 1).unwrap();
     tap.tx_error = Some(libc::EINVAL);
     let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!((r.counts.dropped, r.counts.tap_errors, r.counts.used), (1, 1, 1));
+    assert_eq!(
+        (r.counts.dropped, r.counts.tap_errors, r.counts.used),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -229,7 +261,12 @@ fn tx_budget_bounds_one_run() {
     assert_eq!((r.counts.packets, r.more), (136, false));
 }
 
-fn rx_setup(m: &GuestMemoryMmap<()>, vq: &MockSplitQueue<GuestMemoryMmap<()>>, bufs: &[u32], first: u16) {
+fn rx_setup(
+    m: &GuestMemoryMmap<()>,
+    vq: &MockSplitQueue<GuestMemoryMmap<()>>,
+    bufs: &[u32],
+    first: u16,
+) {
     let descs: Vec<_> = bufs
         .iter()
         .enumerate()
@@ -260,12 +297,19 @@ fn rx_small_frames_fill_one_buffer_each() {
     let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!(r.counts.packets, 2);
     assert!(r.tap_empty);
-    assert_eq!(used(&m, &q), vec![(0, f1.len() as u32), (1, f2.len() as u32)]);
+    assert_eq!(
+        used(&m, &q),
+        vec![(0, f1.len() as u32), (1, f2.len() as u32)]
+    );
     let mut want1 = f1.clone();
     want1[10] = 1; // num_buffers = 1
     assert_eq!(read_guest(&m, BUF, f1.len()), want1);
     assert_eq!(read_guest(&m, BUF + 0x10000 + 12, 1500), f2[12..]);
-    assert_eq!(q.next_avail(), 2, "the chain offered for the EAGAIN read is given back");
+    assert_eq!(
+        q.next_avail(),
+        2,
+        "the chain offered for the EAGAIN read is given back"
+    );
 }
 
 #[test]
@@ -307,12 +351,22 @@ fn rx_mergeable_waits_for_more_buffers_without_publishing_a_partial_frame() {
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert!(r.no_buffers && rx.has_pending());
     assert_eq!(r.counts.packets, 0);
-    assert!(used(&m, &q).is_empty(), "nothing of a partial frame is visible to the guest");
-    assert_eq!(tap.rx.len(), 1, "no further frame is read while one is pending");
+    assert!(
+        used(&m, &q).is_empty(),
+        "nothing of a partial frame is visible to the guest"
+    );
+    assert_eq!(
+        tap.rx.len(),
+        1,
+        "no further frame is read while one is pending"
+    );
     rx_setup(&m, &vq, &[1500, 1500], 2);
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!(r.counts.packets, 2);
-    assert_eq!(used(&m, &q), vec![(0, 1500), (1, 1500), (2, 1012), (3, small.len() as u32)]);
+    assert_eq!(
+        used(&m, &q),
+        vec![(0, 1500), (1, 1500), (2, 1012), (3, small.len() as u32)]
+    );
     assert!(!rx.has_pending());
 }
 
@@ -386,10 +440,10 @@ fn rx_rejects_bad_chains() {
     let vq = MockSplitQueue::new(&m, QSIZE);
     vq.add_desc_chains(
         &[
-            d(BUF, 2048, 0, 0),                       // read-only buffer in RX
-            d(BUF, 4, W, 0),                          // too short for the header
+            d(BUF, 2048, 0, 0),                      // read-only buffer in RX
+            d(BUF, 4, W, 0),                         // too short for the header
             d(MEM_SIZE as u64 + 0x1000, 2048, W, 0), // outside memory
-            d(BUF, 2048, W, 0),                       // good
+            d(BUF, 2048, W, 0),                      // good
         ],
         0,
     )
@@ -402,7 +456,10 @@ fn rx_rejects_bad_chains() {
     };
     let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!((r.counts.bad_chains, r.counts.packets), (3, 1));
-    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 0), (3, f.len() as u32)]);
+    assert_eq!(
+        used(&m, &q),
+        vec![(0, 0), (1, 0), (2, 0), (3, f.len() as u32)]
+    );
 }
 
 #[test]
@@ -421,13 +478,22 @@ fn event_idx_signalling_follows_used_event() {
     };
     let mut rx = RxPath::new();
     rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(!should_notify(&mut q, &m, false), "1 used entry: used_event 1 not reached");
+    assert!(
+        !should_notify(&mut q, &m, false),
+        "1 used entry: used_event 1 not reached"
+    );
     tap.rx.push_back(frame(10, 2));
     rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(should_notify(&mut q, &m, false), "2nd entry crosses used_event");
+    assert!(
+        should_notify(&mut q, &m, false),
+        "2nd entry crosses used_event"
+    );
     tap.rx.push_back(frame(10, 3));
     rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(!should_notify(&mut q, &m, false), "already signalled past used_event");
+    assert!(
+        !should_notify(&mut q, &m, false),
+        "already signalled past used_event"
+    );
     // Out of buffers: EVENT_IDX re-arms RX kicks through avail_event = next_avail.
     tap.rx.push_back(frame(10, 4));
     tap.rx.push_back(frame(10, 5));
@@ -453,7 +519,10 @@ fn flags_signalling_without_event_idx() {
     // The ring still has one buffer: NOTIFY_ON_EMPTY does not apply yet.
     assert!(!should_notify(&mut q, &m, true));
     q.set_next_avail(1);
-    assert!(should_notify(&mut q, &m, true), "NOTIFY_ON_EMPTY overrides when the ring is empty");
+    assert!(
+        should_notify(&mut q, &m, true),
+        "NOTIFY_ON_EMPTY overrides when the ring is empty"
+    );
     // Kick suppression: TX processing sets VRING_USED_F_NO_NOTIFY while it works and clears it
     // when the ring is empty.
     let mut tap = FakeTap::default();

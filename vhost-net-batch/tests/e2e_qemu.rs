@@ -22,7 +22,12 @@ impl Guest {
         let console = dir.join(format!("{tag}.console"));
         let out = run_ok(
             Command::new(repo().join("ci/qemu-run.sh"))
-                .args(["--vhost-user", sock.to_str().unwrap(), "--mac", "52:54:00:77:01:02"])
+                .args([
+                    "--vhost-user",
+                    sock.to_str().unwrap(),
+                    "--mac",
+                    "52:54:00:77:01:02",
+                ])
                 .args(["--ip", "10.77.1.2/24", "--agent", agent.to_str().unwrap()])
                 .args(["--console-log", console.to_str().unwrap()])
                 .args(extra),
@@ -38,14 +43,21 @@ impl Guest {
             st.success(),
             "guest did not come up; console:\n{}\nqemu stderr:\n{}",
             std::fs::read_to_string(&console).unwrap_or_default(),
-            std::fs::read_to_string(console.with_extension("console.qemu-stderr")).unwrap_or_default()
+            std::fs::read_to_string(console.with_extension("console.qemu-stderr"))
+                .unwrap_or_default()
         );
         println!("{tag}: guest ready in {:.1} s", t.elapsed().as_secs_f64());
         g
     }
 
     fn exec(&self, cmd: &str) -> String {
-        run_ok(Command::new(repo().join("ci/gexec.py")).args([self.agent.to_str().unwrap(), "--timeout", "120", "--", cmd]))
+        run_ok(Command::new(repo().join("ci/gexec.py")).args([
+            self.agent.to_str().unwrap(),
+            "--timeout",
+            "120",
+            "--",
+            cmd,
+        ]))
     }
 
     fn quit(self) {
@@ -67,11 +79,17 @@ impl Drop for Guest {
 
 fn iperf_mbps(json: &str) -> f64 {
     let v: serde_json::Value = serde_json::from_str(json).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6
 }
 
 fn prerequisites() {
-    require_cmd("qemu-system-x86_64", "qemu-system-x86 (QEMU 10.0 from bookworm-backports)");
+    require_cmd(
+        "qemu-system-x86_64",
+        "qemu-system-x86 (QEMU 10.0 from bookworm-backports)",
+    );
     require_cmd("iperf3", "iperf3");
     require_cmd("ab", "apache2-utils");
     require_cmd("python3", "python3");
@@ -84,18 +102,50 @@ fn qemu_guest_ping_iperf_http_and_reattach() {
     let ns = ScriptNetns::create("e2e");
     let dir = tempdir();
     let sock = dir.join("vm.sock");
-    let backend = spawn_backend(&ns, "e2e", &sock, "vnbe2e0", &["--mac", "52:54:00:77:01:02"]);
-    run_ok(Command::new(repo().join("ci/netns.sh")).args(["addr", &ns.name, "vnbe2e0", "10.77.1.1/24"]));
+    let backend = spawn_backend(
+        &ns,
+        "e2e",
+        &sock,
+        "vnbe2e0",
+        &["--mac", "52:54:00:77:01:02"],
+    );
+    run_ok(Command::new(repo().join("ci/netns.sh")).args([
+        "addr",
+        &ns.name,
+        "vnbe2e0",
+        "10.77.1.1/24",
+    ]));
 
     let g = Guest::boot(&sock, &dir, "first", &[]);
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.77.1.2"]));
     let out = g.exec("ping -c 3 -W 5 10.77.1.1");
-    assert!(out.contains("3 packets received"), "guest -> host ping: {out}");
+    assert!(
+        out.contains("3 packets received"),
+        "guest -> host ping: {out}"
+    );
 
-    let rx = iperf_mbps(&run_ok(&mut ns.cmd(&["iperf3", "-c", "10.77.1.2", "-t", "3", "-J"])));
-    let tx = iperf_mbps(&run_ok(&mut ns.cmd(&["iperf3", "-c", "10.77.1.2", "-t", "3", "-R", "-J"])));
+    let rx = iperf_mbps(&run_ok(&mut ns.cmd(&[
+        "iperf3",
+        "-c",
+        "10.77.1.2",
+        "-t",
+        "3",
+        "-J",
+    ])));
+    let tx = iperf_mbps(&run_ok(&mut ns.cmd(&[
+        "iperf3",
+        "-c",
+        "10.77.1.2",
+        "-t",
+        "3",
+        "-R",
+        "-J",
+    ])));
     println!("iperf3 host->guest {rx:.0} Mb/s, guest->host {tx:.0} Mb/s");
-    assert!(rx > 1.0 && tx > 1.0, "iperf3 throughput host->guest {rx} guest->host {tx}");
+    assert!(
+        rx > 1.0 && tx > 1.0,
+        "iperf3 throughput host->guest {rx} guest->host {tx}"
+    );
 
     let ab = run_ok(&mut ns.cmd(&["ab", "-n", "2", "-c", "1", "http://10.77.1.2/20M.bin"]));
     assert!(ab.contains("Complete requests:      2"), "{ab}");
@@ -106,7 +156,10 @@ fn qemu_guest_ping_iperf_http_and_reattach() {
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(transferred >= 2 * 20 * 1024 * 1024, "ab transferred {transferred} bytes");
+    assert!(
+        transferred >= 2 * 20 * 1024 * 1024,
+        "ab transferred {transferred} bytes"
+    );
 
     // The guest saw virtio interrupts and the backend moved packets both ways.
     let irqs = g.exec("cat /proc/interrupts");
@@ -114,11 +167,17 @@ fn qemu_guest_ping_iperf_http_and_reattach() {
 
     // QEMU quits; a second QEMU (with reconnect-ms) attaches to the same backend socket.
     g.quit();
-    assert!(Path::new(&format!("/proc/{}", backend.pid())).exists(), "backend died with its frontend");
+    assert!(
+        Path::new(&format!("/proc/{}", backend.pid())).exists(),
+        "backend died with its frontend"
+    );
     let g2 = Guest::boot(&sock, &dir, "second", &["--reconnect-ms", "1000"]);
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.77.1.2"]));
     let out = g2.exec("ping -c 2 -W 5 10.77.1.1");
-    assert!(out.contains("2 packets received"), "guest -> host ping after reattach: {out}");
+    assert!(
+        out.contains("2 packets received"),
+        "guest -> host ping after reattach: {out}"
+    );
     g2.quit();
     let log = std::fs::read_to_string(sock.with_extension("log")).unwrap();
     assert_eq!(log.matches("frontend connected").count(), 2, "{log}");

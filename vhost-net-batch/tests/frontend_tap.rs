@@ -27,7 +27,10 @@ fn frames_flow_both_ways_and_bad_chains_are_counted() {
     let f = test_frame(1, 200);
     g.send(0, &f);
     let got = pkt.recv_matching(T, |b| b == f.as_slice());
-    assert!(got.is_some(), "frame sent by the guest did not reach the tap");
+    assert!(
+        got.is_some(),
+        "frame sent by the guest did not reach the tap"
+    );
     assert_eq!(g.wait_used(1, 1, T), vec![(0, 0)]);
 
     // Tap -> guest.
@@ -49,10 +52,14 @@ fn frames_flow_both_ways_and_bad_chains_are_counted() {
     let (id, _) = found.expect("frame sent into the tap did not reach the guest");
     let buf = g.rx_buf(id as u16, 12 + 300);
     assert_eq!(u16::from_le_bytes([buf[10], buf[11]]), 1, "num_buffers");
-    assert!(g.call[0].read().unwrap() >= 1, "the guest got an RX interrupt");
+    assert!(
+        g.call[0].read().unwrap() >= 1,
+        "the guest got an RX interrupt"
+    );
 
     // A TX chain pointing outside guest memory: completed with length 0 and counted.
-    g.tx.add_desc_chains(&[desc(MEM_SIZE as u64 + 4096, 100, 0, 0)], 1).unwrap();
+    g.tx.add_desc_chains(&[desc(MEM_SIZE as u64 + 4096, 100, 0, 0)], 1)
+        .unwrap();
     g.kick[1].write(1).unwrap();
     assert_eq!(g.wait_used(1, 2, T), vec![(0, 0), (1, 0)]);
     let m = &slot.metrics().queues[0];
@@ -79,7 +86,10 @@ fn twenty_reconnects_leak_no_fds_or_threads() {
         let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
         let f = test_frame(i, 100);
         g.send(0, &f);
-        assert!(pkt.recv_matching(T, |b| b == f.as_slice()).is_some(), "cycle {i}: no traffic");
+        assert!(
+            pkt.recv_matching(T, |b| b == f.as_slice()).is_some(),
+            "cycle {i}: no traffic"
+        );
         drop(g);
     };
     let settle = |want: u64| {
@@ -104,8 +114,11 @@ fn twenty_reconnects_leak_no_fds_or_threads() {
     }
     assert_eq!(slot.metrics().connections.load(Relaxed), 21);
     assert_eq!(fd_count(), fds, "descriptors leaked over 20 connections");
-    assert_eq!(thread_count(), threads, "threads leaked over 20 connections");
+    assert_eq!(
+        thread_count(),
+        threads,
+        "threads leaked over 20 connections"
+    );
     // The socket is still served.
     assert!(UnixStream::connect(&sock).is_ok());
 }
-

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use vhost::vhost_user::Frontend;
-use vhost_net_batch::shim::{recv_message, send_message, Message, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION};
+use vhost_net_batch::shim::{
+    recv_message, send_message, Message, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION,
+};
 
 fn code(name: &str) -> u32 {
     match name {
@@ -44,9 +46,14 @@ fn replay(fixture: &str, queues: u16) {
     let _slot = start_slot_mq("sq", &tap, &sock, queues);
     let pkt = PacketSocket::bind(&tap);
     let stream = UnixStream::connect(&sock).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut early_enables = 0;
-    for line in fixture.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in fixture
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let words: Vec<&str> = line.split_whitespace().collect();
         let request = code(words[0]);
         let need_reply = words.contains(&"need_reply");
@@ -57,17 +64,26 @@ fn replay(fixture: &str, queues: u16) {
             .unwrap_or_default();
         let fds: Vec<OwnedFd> = if words.contains(&"fd") {
             {
-            // SAFETY: eventfd(2) returns a new descriptor we own.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-            assert!(fd >= 0);
-            // SAFETY: as above.
-            vec![unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }]
-        }
+                // SAFETY: eventfd(2) returns a new descriptor we own.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+                assert!(fd >= 0);
+                // SAFETY: as above.
+                vec![unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }]
+            }
         } else {
             vec![]
         };
         let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
-        send_message(&stream, &Message { request, flags, payload, fds }).unwrap();
+        send_message(
+            &stream,
+            &Message {
+                request,
+                flags,
+                payload,
+                fds,
+            },
+        )
+        .unwrap();
         if request == 18 {
             early_enables += 1;
         }
@@ -79,21 +95,37 @@ fn replay(fixture: &str, queues: u16) {
             assert_eq!(reply.request, request, "{line}: reply to another request");
             assert_ne!(reply.flags & FLAG_REPLY, 0, "{line}: reply flag");
             if need_reply {
-                assert_eq!(reply.payload_u64(), Some(0), "{line}: ack must report success");
+                assert_eq!(
+                    reply.payload_u64(),
+                    Some(0),
+                    "{line}: ack must report success"
+                );
             }
             if request == 17 {
-                assert_eq!(reply.payload_u64(), Some(2 * queues as u64), "GET_QUEUE_NUM");
+                assert_eq!(
+                    reply.payload_u64(),
+                    Some(2 * queues as u64),
+                    "GET_QUEUE_NUM"
+                );
             }
         }
     }
-    assert!(early_enables > 0, "the fixture has the early SET_VRING_ENABLE");
+    assert!(
+        early_enables > 0,
+        "the fixture has the early SET_VRING_ENABLE"
+    );
     // The connection survived; the guest driver now starts the device.
     let mem = guest_memory();
-    let g = Guest::setup(Frontend::from_stream(stream, 2 * queues as u64), &mem, false);
+    let g = Guest::setup(
+        Frontend::from_stream(stream, 2 * queues as u64),
+        &mem,
+        false,
+    );
     let f = test_frame(7, 120);
     g.send(0, &f);
     assert!(
-        pkt.recv_matching(Duration::from_secs(5), |b| b == f.as_slice()).is_some(),
+        pkt.recv_matching(Duration::from_secs(5), |b| b == f.as_slice())
+            .is_some(),
         "no traffic after the QEMU connect sequence"
     );
 }

@@ -33,10 +33,21 @@ pub const BUF: u64 = 0x10_0000;
 /// Fails with a message saying what to install when a prerequisite is missing.
 pub fn require_root_and_ip() {
     // SAFETY: getuid has no preconditions.
-    assert_eq!(unsafe { libc::getuid() }, 0, "this test needs root (tap devices and network namespaces); run `make test` as root");
-    let ok = Command::new("ip").arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+    assert_eq!(
+        unsafe { libc::getuid() },
+        0,
+        "this test needs root (tap devices and network namespaces); run `make test` as root"
+    );
+    let ok = Command::new("ip")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(ok, "`ip` not found: install iproute2 (ci/setup.sh does)");
-    assert!(std::path::Path::new("/dev/net/tun").exists(), "/dev/net/tun missing: `modprobe tun`");
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "/dev/net/tun missing: `modprobe tun`"
+    );
 }
 
 /// A network namespace made for one test; deleted on drop.
@@ -53,7 +64,10 @@ impl Netns {
         if std::path::Path::new(&format!("/var/run/netns/{name}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
-        let st = Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
         assert!(st.success(), "ip netns add {name} failed");
         let f = File::open(format!("/var/run/netns/{name}")).unwrap();
         // SAFETY: setns on a valid netns fd affects only the calling thread.
@@ -65,7 +79,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -97,7 +113,12 @@ pub fn guest_memory() -> GuestMemoryMmap<()> {
     // SAFETY: we own the new fd.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)))]).unwrap()
+    GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
 }
 
 /// A split-ring descriptor.
@@ -129,10 +150,18 @@ impl<'a> Guest<'a> {
         if negotiate {
             fe.set_owner().unwrap();
             let offered = fe.get_features().unwrap();
-            assert_ne!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+            assert_ne!(
+                offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+                0
+            );
             let proto = fe.get_protocol_features().unwrap();
-            assert!(proto.contains(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
-            fe.set_protocol_features(VhostUserProtocolFeatures::MQ).unwrap();
+            assert!(proto.contains(
+                VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            ));
+            fe.set_protocol_features(VhostUserProtocolFeatures::MQ)
+                .unwrap();
         } else {
             // The frontend object only acks what it saw offered (QEMU re-reads features too).
             fe.get_features().unwrap();
@@ -143,8 +172,14 @@ impl<'a> Guest<'a> {
         fe.set_mem_table(&[info]).unwrap();
         let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), QSIZE);
         let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), QSIZE);
-        let kick = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
-        let call = [EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap()];
+        let kick = [
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
+        let call = [
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
         let host = region.as_ptr() as u64;
         for (i, q) in [&rx, &tx].into_iter().enumerate() {
             fe.set_vring_num(i, QSIZE).unwrap();
@@ -166,17 +201,31 @@ impl<'a> Guest<'a> {
             fe.set_vring_kick(i, &kick[i]).unwrap();
             fe.set_vring_enable(i, true).unwrap();
         }
-        Guest { fe, mem, rx, tx, kick, call }
+        Guest {
+            fe,
+            mem,
+            rx,
+            tx,
+            kick,
+            call,
+        }
     }
 
     /// Used ring entries (id, len) of queue `q` (0 RX, 1 TX).
     pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
-        let base = if q == 0 { self.rx.used_addr().0 } else { self.tx.used_addr().0 };
+        let base = if q == 0 {
+            self.rx.used_addr().0
+        } else {
+            self.tx.used_addr().0
+        };
         let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).unwrap();
         (0..idx as u64)
             .map(|i| {
                 let e = base + 4 + 8 * (i % QSIZE as u64);
-                (self.mem.read_obj(GuestAddress(e)).unwrap(), self.mem.read_obj(GuestAddress(e + 4)).unwrap())
+                (
+                    self.mem.read_obj(GuestAddress(e)).unwrap(),
+                    self.mem.read_obj(GuestAddress(e + 4)).unwrap(),
+                )
             })
             .collect()
     }
@@ -200,7 +249,9 @@ impl<'a> Guest<'a> {
         let mut buf = vec![0u8; 12];
         buf.extend_from_slice(frame);
         self.mem.write_slice(&buf, GuestAddress(addr)).unwrap();
-        self.tx.add_desc_chains(&[desc(addr, buf.len() as u32, 0, 0)], i).unwrap();
+        self.tx
+            .add_desc_chains(&[desc(addr, buf.len() as u32, 0, 0)], i)
+            .unwrap();
         self.kick[1].write(1).unwrap();
     }
 
@@ -216,7 +267,9 @@ impl<'a> Guest<'a> {
     /// Bytes of the RX buffer of descriptor `i`.
     pub fn rx_buf(&self, i: u16, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(BUF + 0x80_0000 + 0x1_0000 * i as u64)).unwrap();
+        self.mem
+            .read_slice(&mut v, GuestAddress(BUF + 0x80_0000 + 0x1_0000 * i as u64))
+            .unwrap();
         v
     }
 }
@@ -229,7 +282,13 @@ impl PacketSocket {
     pub fn bind(ifname: &str) -> Self {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2).
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto as i32,
+            )
+        };
         assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
         // SAFETY: we own the new fd.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -240,21 +299,43 @@ impl PacketSocket {
         sa.sll_protocol = proto;
         sa.sll_ifindex = idx as i32;
         // SAFETY: binding with a valid sockaddr_ll.
-        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
         assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
         // SAFETY: setting a timeval option.
-        unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
         PacketSocket(fd)
     }
 
     /// Receives frames until one satisfies `pred` or `timeout` passes.
-    pub fn recv_matching(&self, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    pub fn recv_matching(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         let end = Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
         while Instant::now() < end {
             // SAFETY: buf is valid for writes of its length.
-            let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n > 0 && pred(&buf[..n as usize]) {
                 return Some(buf[..n as usize].to_vec());
             }
@@ -266,7 +347,12 @@ impl PacketSocket {
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: frame is valid for reads of its length.
         let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n as usize, frame.len(), "send: {}", io::Error::last_os_error());
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "send: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -291,7 +377,10 @@ pub fn thread_count() -> usize {
 
 /// A fresh temporary directory.
 pub fn tempdir() -> std::path::PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let d = std::env::temp_dir().join(format!("vnb-test-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -299,7 +388,10 @@ pub fn tempdir() -> std::path::PathBuf {
 
 /// Repository root (the workspace).
 pub fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Fails, saying what to install, when a command is missing.
@@ -309,7 +401,10 @@ pub fn require_cmd(cmd: &str, package: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "`{cmd}` not found: install {package} (run ci/setup.sh as root)");
+    assert!(
+        found,
+        "`{cmd}` not found: install {package} (run ci/setup.sh as root)"
+    );
 }
 
 /// Runs a command, failing the test with its output if it fails; returns stdout.
@@ -351,7 +446,9 @@ impl ScriptNetns {
 
 impl Drop for ScriptNetns {
     fn drop(&mut self) {
-        let _ = Command::new(repo().join("ci/netns.sh")).args(["delete", &self.name]).status();
+        let _ = Command::new(repo().join("ci/netns.sh"))
+            .args(["delete", &self.name])
+            .status();
     }
 }
 
@@ -389,12 +486,27 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Starts the backend binary in namespace `ns` for one VM; waits for its socket.
-pub fn spawn_backend(ns: &ScriptNetns, vm: &str, sock: &std::path::Path, tap: &str, extra: &[&str]) -> Proc {
+pub fn spawn_backend(
+    ns: &ScriptNetns,
+    vm: &str,
+    sock: &std::path::Path,
+    tap: &str,
+    extra: &[&str],
+) -> Proc {
     let _ = std::fs::remove_file(sock);
     let log = std::fs::File::create(sock.with_extension("log")).unwrap();
     let bin = env!("CARGO_BIN_EXE_vhost-net-batch");
     let child = ns
-        .cmd(&[bin, "serve", "--vm", vm, "--socket", sock.to_str().unwrap(), "--tap", tap])
+        .cmd(&[
+            bin,
+            "serve",
+            "--vm",
+            vm,
+            "--socket",
+            sock.to_str().unwrap(),
+            "--tap",
+            tap,
+        ])
         .args(extra)
         .stderr(log)
         .spawn()
@@ -402,8 +514,12 @@ pub fn spawn_backend(ns: &ScriptNetns, vm: &str, sock: &std::path::Path, tap: &s
     let p = Proc(child);
     let end = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
-        assert!(Instant::now() < end, "backend did not create {}; log: {}", sock.display(),
-            std::fs::read_to_string(sock.with_extension("log")).unwrap_or_default());
+        assert!(
+            Instant::now() < end,
+            "backend did not create {}; log: {}",
+            sock.display(),
+            std::fs::read_to_string(sock.with_extension("log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     p

@@ -1,0 +1,32 @@
+# vhost-net-batch: `make demo` runs the main job, `make test` runs every test.
+# Both install what they need (ci/setup.sh, idempotent, needs root).
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all setup build image demo test lint unit clean
+
+all: build
+
+setup:
+	bash ci/setup.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+image:
+	bash ci/guest/build-image.sh
+
+demo: setup build image
+	bash ci/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: setup image
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) lint
+
+clean:
+	$(CARGO) clean
