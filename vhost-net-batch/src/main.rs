@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use vhost_net_batch::config::{validate_all, FileConfig, MacAddr, VmConfig};
-use vhost_net_batch::server::VmSlot;
+use vhost_net_batch::server::{remove_private_dir, VmSlot};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +79,27 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     for vm in vms {
         slots.push(Arc::new(VmSlot::open(vm).map_err(|e| e.to_string())?));
     }
+    // SIGINT/SIGTERM: remove the sockets and internal files, then exit; taps we created vanish
+    // with our descriptors.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let for_signals = slots.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "shutting down");
+                for s in &for_signals {
+                    s.remove_socket();
+                }
+                remove_private_dir();
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     let mut threads = Vec::new();
     for slot in slots {
         let name = format!("vm-{}", slot.config().name);

@@ -100,9 +100,18 @@ pub fn bind_socket(vm: &str, path: &Path) -> Result<UnixListener, ServeError> {
     })
 }
 
+static PRIVATE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Removes the private directory of internal sockets, if one was made (at shutdown).
+pub fn remove_private_dir() {
+    if let Some(d) = PRIVATE_DIR.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// A private 0700 directory for the shim's internal sockets, made once per process.
 fn private_dir() -> io::Result<&'static Path> {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    static DIR: &OnceLock<PathBuf> = &PRIVATE_DIR;
     if let Some(d) = DIR.get() {
         return Ok(d);
     }
@@ -160,6 +169,11 @@ impl VmSlot {
     /// The VM's configuration.
     pub fn config(&self) -> &VmConfig {
         &self.cfg
+    }
+
+    /// Removes the VM's socket file (at shutdown).
+    pub fn remove_socket(&self) {
+        let _ = std::fs::remove_file(&self.cfg.socket);
     }
 
     /// The VM's counters.

@@ -1,0 +1,208 @@
+//! Bad operator input gets a clear error and a non-zero exit, and changes nothing.
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-net-batch");
+
+fn serve(ns: &ScriptNetns, args: &[&str]) -> Output {
+    let mut c = ns.cmd(&[BIN, "serve"]);
+    c.args(args).output().unwrap()
+}
+
+fn assert_fails(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+#[test]
+fn bad_arguments_and_config_are_rejected() {
+    let ns = ScriptNetns::create("cli");
+    let dir = tempdir();
+    let sock = dir.join("a.sock");
+    let s = sock.to_str().unwrap();
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm",
+                "a",
+                "--socket",
+                s,
+                "--tap",
+                "vnbc0",
+                "--mac",
+                "zz:00:00:00:00:01",
+            ],
+        ),
+        "bad MAC",
+    );
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm",
+                "a",
+                "--socket",
+                s,
+                "--tap",
+                "vnbc0",
+                "--mac",
+                "01:00:5e:00:00:01",
+            ],
+        ),
+        "unicast",
+    );
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm", "a", "--socket", s, "--tap", "vnbc0", "--queues", "0",
+            ],
+        ),
+        "queues must be between 1 and 16",
+    );
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm", "a", "--socket", s, "--tap", "vnbc0", "--queues", "17",
+            ],
+        ),
+        "queues must be between 1 and 16",
+    );
+    assert_fails(
+        &serve(
+            &ns,
+            &["--vm", "a", "--socket", s, "--tap", "this-name-is-too-long"],
+        ),
+        "invalid tap name",
+    );
+    assert_fails(&serve(&ns, &["--vm", "a", "--tap", "vnbc0"]), "--socket");
+    let cfg = dir.join("vms.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[vm]]\nname = \"a\"\nsocket = \"{s}\"\ntap = \"vnbc0\"\nqueus = 2\n"),
+    )
+    .unwrap();
+    assert_fails(&serve(&ns, &["--config", cfg.to_str().unwrap()]), "queus");
+    assert_fails(
+        &serve(
+            &ns,
+            &["--config", dir.join("missing.toml").to_str().unwrap()],
+        ),
+        "cannot read config file",
+    );
+    // Nothing was created by the failed starts.
+    assert!(!sock.exists());
+    let links = run_ok(&mut ns.cmd(&["ip", "-br", "link"]));
+    assert!(!links.contains("vnbc0"), "{links}");
+}
+
+#[test]
+fn socket_problems_are_reported() {
+    let ns = ScriptNetns::create("sk");
+    let dir = tempdir();
+    let sock = dir.join("a.sock");
+    let _first = spawn_backend(&ns, "a", &sock, "vnbs0", &[]);
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm",
+                "b",
+                "--socket",
+                sock.to_str().unwrap(),
+                "--tap",
+                "vnbs1",
+            ],
+        ),
+        "in use by another process",
+    );
+    let nodir = dir.join("no/such/dir/b.sock");
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm",
+                "b",
+                "--socket",
+                nodir.to_str().unwrap(),
+                "--tap",
+                "vnbs1",
+            ],
+        ),
+        "cannot listen on",
+    );
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    assert_fails(
+        &serve(
+            &ns,
+            &[
+                "--vm",
+                "b",
+                "--socket",
+                file.to_str().unwrap(),
+                "--tap",
+                "vnbs1",
+            ],
+        ),
+        "is not a socket",
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"x",
+        "the file was left alone"
+    );
+}
+
+#[test]
+fn missing_capability_is_named() {
+    require_cmd("setpriv", "util-linux");
+    let ns = ScriptNetns::create("cap");
+    let dir = tempdir();
+    let sock = dir.join("a.sock");
+    let out = ns
+        .cmd(&[
+            "setpriv",
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+            "--",
+            BIN,
+            "serve",
+        ])
+        .args([
+            "--vm",
+            "a",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--tap",
+            "vnbcap0",
+        ])
+        .output()
+        .unwrap();
+    assert_fails(&out, "CAP_NET_ADMIN");
+}
+
+#[test]
+fn sigterm_removes_the_socket() {
+    let ns = ScriptNetns::create("sig");
+    let dir = tempdir();
+    let sock = dir.join("a.sock");
+    let mut p = spawn_backend(&ns, "a", &sock, "vnbsig0", &[]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    let st = p.0.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!sock.exists(), "socket left behind");
+}
