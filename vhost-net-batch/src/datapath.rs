@@ -224,6 +224,18 @@ pub fn should_notify<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, notify_on_em
             .unwrap_or(false)
 }
 
+/// The ring looked empty: re-enable notifications and say whether to look once more (buffers
+/// arrived meanwhile). `pop_descriptor_chain` also returns `None` for a corrupt avail index, for
+/// which `enable_notification` keeps reporting work; looking again only once per empty ring keeps
+/// a malicious guest from spinning the worker.
+fn next_after_empty<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, rechecked: &mut bool) -> bool {
+    if *rechecked {
+        return false;
+    }
+    *rechecked = true;
+    matches!(q.enable_notification(mem), Ok(true))
+}
+
 fn unpop(q: &mut Queue) {
     q.set_next_avail(q.next_avail().wrapping_sub(1));
 }
@@ -267,17 +279,19 @@ impl TxPath {
     ) -> TxRun {
         let mut out = TxRun::default();
         let _ = q.disable_notification(mem);
+        let mut rechecked = false;
         loop {
             if out.counts.packets + out.counts.dropped + out.counts.bad_chains >= budget as u64 {
                 out.more = true;
                 break;
             }
             let Some(chain) = q.pop_descriptor_chain(mem) else {
-                match q.enable_notification(mem) {
-                    Ok(true) => continue,
-                    _ => break,
+                if next_after_empty(q, mem, &mut rechecked) {
+                    continue;
                 }
+                break;
             };
+            rechecked = false;
             let head = chain.head_index();
             self.iov.clear();
             let res = collect_chain(mem, chain, false, &mut self.iov, None).and_then(|n| {
@@ -413,6 +427,7 @@ impl RxPath {
     ) -> RxRun {
         let mut out = RxRun::default();
         let _ = q.disable_notification(mem);
+        let mut rechecked = false;
         loop {
             if let Some(p) = self.pending.take() {
                 match self.place_rest(q, mem, p, hdr, &mut out.counts) {
@@ -430,14 +445,13 @@ impl RxPath {
             }
             let start_avail = q.next_avail();
             let Some(chain) = q.pop_descriptor_chain(mem) else {
-                match q.enable_notification(mem) {
-                    Ok(true) => continue,
-                    _ => {
-                        out.no_buffers = true;
-                        break;
-                    }
+                if next_after_empty(q, mem, &mut rechecked) {
+                    continue;
                 }
+                out.no_buffers = true;
+                break;
             };
+            rechecked = false;
             let head = chain.head_index();
             self.iov.clear();
             self.segs.clear();
@@ -523,13 +537,15 @@ impl RxPath {
         hdr: HdrLayout,
         counts: &mut PathCounts,
     ) -> Result<(), PendingRx> {
+        let mut rechecked = false;
         while p.filled < p.len {
             let Some(chain) = q.pop_descriptor_chain(mem) else {
-                match q.enable_notification(mem) {
-                    Ok(true) => continue,
-                    _ => return Err(p),
+                if next_after_empty(q, mem, &mut rechecked) {
+                    continue;
                 }
+                return Err(p);
             };
+            rechecked = false;
             let head = chain.head_index();
             self.iov.clear();
             self.seg_scratch.clear();

@@ -8,7 +8,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 const QSIZE: u16 = 256;
 const BUF: u64 = 0x10_0000;
@@ -530,4 +530,30 @@ fn flags_signalling_without_event_idx() {
     TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     let used_flags: u16 = m.read_obj(GuestAddress(q.used_ring())).unwrap();
     assert_eq!(used_flags, 0, "kicks re-enabled once the ring is drained");
+}
+
+#[test]
+fn corrupt_avail_index_does_not_spin_the_worker() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    // The guest claims 1000 new entries on a 256-entry ring.
+    m.write_obj(1000u16, vq.avail_addr().unchecked_add(2))
+        .unwrap();
+    let mut tap = FakeTap::default();
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 0);
+    assert!(!r.more);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(10, 1)]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(r.no_buffers);
+    assert_eq!(
+        tap.rx.len(),
+        1,
+        "nothing read without a buffer to put it in"
+    );
 }
