@@ -141,7 +141,6 @@ pub struct VmSlot {
     tap: Arc<Tap>,
     listener: UnixListener,
     metrics: Arc<VmMetrics>,
-    conn_seq: AtomicU64,
 }
 
 impl VmSlot {
@@ -162,7 +161,6 @@ impl VmSlot {
             tap: Arc::new(tap),
             listener,
             metrics,
-            conn_seq: AtomicU64::new(0),
         })
     }
 
@@ -264,7 +262,9 @@ impl VmSlot {
         &self,
         daemon: &mut VhostUserDaemon<Arc<NetDevice>>,
     ) -> Result<UnixStream, ConnError> {
-        let seq = self.conn_seq.fetch_add(1, Relaxed);
+        // Unique in the process, whatever the VM names.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, Relaxed);
         let path = private_dir()?.join(format!(
             "{}-{}-{seq}.sock",
             self.cfg.name,

@@ -206,3 +206,44 @@ fn sigterm_removes_the_socket() {
     assert!(st.success(), "{st}");
     assert!(!sock.exists(), "socket left behind");
 }
+
+#[test]
+fn config_file_serves_several_vms_in_one_process() {
+    let ns = ScriptNetns::create("mv");
+    let dir = tempdir();
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let cfg = dir.join("vms.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[vm]]\nname = \"a\"\nsocket = \"{}\"\ntap = \"vnbmva\"\n\n[[vm]]\nname = \"b\"\nsocket = \"{}\"\ntap = \"vnbmvb\"\nqueues = 2\nmac = \"52:54:00:00:00:0b\"\n",
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let mut p = Proc(
+        ns.cmd(&[BIN, "serve", "--config", cfg.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(a.exists() && b.exists()) && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(a.exists() && b.exists(), "both VM sockets are served");
+    let links = run_ok(&mut ns.cmd(&["ip", "-d", "link"]));
+    assert!(
+        links.contains("vnbmva") && links.contains("vnbmvb"),
+        "{links}"
+    );
+    // One VM's frontend coming and going leaves the other alone.
+    drop(std::os::unix::net::UnixStream::connect(&a).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(std::os::unix::net::UnixStream::connect(&b).is_ok());
+    assert!(std::os::unix::net::UnixStream::connect(&a).is_ok());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    assert!(p.0.wait().unwrap().success());
+    assert!(!a.exists() && !b.exists());
+}

@@ -38,11 +38,12 @@ fn parse_u64(s: &str) -> u64 {
     }
 }
 
-fn replay(fixture: &str, queues: u16) {
-    let _ns = Netns::enter(&format!("sq{queues}{}", fixture.len() % 97));
+/// `tag` must be unique per test: it names the test's namespace and tap.
+fn replay(tag: &str, fixture: &str, queues: u16) {
+    let _ns = Netns::enter(tag);
     let dir = tempdir();
     let sock = dir.join("vm.sock");
-    let tap = format!("vnbsq{}", fixture.len() % 97);
+    let tap = format!("vnb{tag}");
     let _slot = start_slot_mq("sq", &tap, &sock, queues);
     let pkt = PacketSocket::bind(&tap);
     let stream = UnixStream::connect(&sock).unwrap();
@@ -132,20 +133,20 @@ fn replay(fixture: &str, queues: u16) {
 
 #[test]
 fn qemu_7_2_single_queue() {
-    replay(include_str!("fixtures/qemu-7.2-q1.txt"), 1);
+    replay("q72s", include_str!("fixtures/qemu-7.2-q1.txt"), 1);
 }
 
 #[test]
 fn qemu_7_2_multiqueue() {
-    replay(include_str!("fixtures/qemu-7.2-q2.txt"), 2);
+    replay("q72m", include_str!("fixtures/qemu-7.2-q2.txt"), 2);
 }
 
 #[test]
 fn qemu_10_0_single_queue() {
-    replay(include_str!("fixtures/qemu-10.0-q1.txt"), 1);
+    replay("q10s", include_str!("fixtures/qemu-10.0-q1.txt"), 1);
 }
 
 #[test]
 fn qemu_10_0_multiqueue() {
-    replay(include_str!("fixtures/qemu-10.0-q2.txt"), 2);
+    replay("q10m", include_str!("fixtures/qemu-10.0-q2.txt"), 2);
 }

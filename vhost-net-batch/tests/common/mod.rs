@@ -99,7 +99,7 @@ pub fn start_slot_mq(name: &str, tap: &str, sock: &std::path::Path, queues: u16)
         queues,
         mac: None,
     };
-    let slot = Arc::new(VmSlot::open(cfg).expect("open VM slot"));
+    let slot = Arc::new(VmSlot::open(cfg).unwrap_or_else(|e| panic!("open VM slot {name}: {e}")));
     let s = slot.clone();
     std::thread::spawn(move || s.serve_forever());
     slot
