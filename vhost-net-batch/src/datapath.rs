@@ -156,15 +156,26 @@ fn collect_chain<M: GuestMemoryBackend>(
         if len == 0 {
             continue;
         }
-        for slice in mem.get_slices(desc.addr(), len) {
-            let slice = slice.map_err(|_| ChainError::OutOfMemory)?;
-            if iov.len() >= MAX_SEGMENTS {
-                return Err(ChainError::TooManySegments);
-            }
+        if iov.len() >= MAX_SEGMENTS {
+            return Err(ChainError::TooManySegments);
+        }
+        // Fast path: the buffer lies in one memory region (almost always).
+        if let Ok(slice) = mem.get_slice(desc.addr(), len) {
             iov.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),
             });
+        } else {
+            for slice in mem.get_slices(desc.addr(), len) {
+                let slice = slice.map_err(|_| ChainError::OutOfMemory)?;
+                if iov.len() >= MAX_SEGMENTS {
+                    return Err(ChainError::TooManySegments);
+                }
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
         }
         if let Some(s) = segs.as_deref_mut() {
             s.push((desc.addr().0, desc.len()));
