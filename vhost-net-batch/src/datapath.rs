@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Most packets one direction moves before yielding to the other (like `VHOST_NET_WEIGHT`).
@@ -262,10 +262,23 @@ pub struct TxRun {
     pub more: bool,
 }
 
+/// Chains one TX step reads from the avail ring at once (one avail-index read per step).
+pub const TX_STEP: usize = 64;
+
+/// A chain read in a TX step: head, its iovec range, and its length or why it was rejected.
+#[derive(Debug, Clone, Copy)]
+struct TxChain {
+    head: u16,
+    start: usize,
+    end: usize,
+    res: Result<usize, ChainError>,
+}
+
 /// Guest → tap.
 #[derive(Debug, Default)]
 pub struct TxPath {
     iov: Vec<libc::iovec>,
+    step: Vec<TxChain>,
 }
 
 // SAFETY: the iovec buffer is scratch space, only meaningful during a `run` call.
@@ -275,7 +288,8 @@ impl TxPath {
     /// A TX path with its scratch vectors allocated.
     pub fn new() -> Self {
         TxPath {
-            iov: Vec::with_capacity(64),
+            iov: Vec::with_capacity(4 * TX_STEP),
+            step: Vec::with_capacity(TX_STEP),
         }
     }
 
@@ -291,51 +305,74 @@ impl TxPath {
         let mut out = TxRun::default();
         let _ = q.disable_notification(mem);
         let mut rechecked = false;
-        loop {
-            if out.counts.packets + out.counts.dropped + out.counts.bad_chains >= budget as u64 {
+        'steps: loop {
+            let done = (out.counts.packets + out.counts.dropped + out.counts.bad_chains) as usize;
+            if done >= budget {
                 out.more = true;
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            self.iov.clear();
+            self.step.clear();
+            // A corrupt avail index makes `iter` fail: treated as an empty ring.
+            if let Ok(chains) = q.iter(mem) {
+                for chain in chains.take(TX_STEP.min(budget - done)) {
+                    let head = chain.head_index();
+                    let start = self.iov.len();
+                    let res = collect_chain(mem, chain, false, &mut self.iov, None).and_then(|n| {
+                        if n < hdr.len {
+                            Err(ChainError::TooShort)
+                        } else {
+                            Ok(n)
+                        }
+                    });
+                    if res.is_err() {
+                        self.iov.truncate(start);
+                    }
+                    let end = self.iov.len();
+                    self.step.push(TxChain {
+                        head,
+                        start,
+                        end,
+                        res,
+                    });
+                }
+            }
+            if self.step.is_empty() {
                 if next_after_empty(q, mem, &mut rechecked) {
                     continue;
                 }
                 break;
-            };
-            rechecked = false;
-            let head = chain.head_index();
-            self.iov.clear();
-            let res = collect_chain(mem, chain, false, &mut self.iov, None).and_then(|n| {
-                if n < hdr.len {
-                    Err(ChainError::TooShort)
-                } else {
-                    Ok(n)
-                }
-            });
-            match res {
-                Err(e) => {
-                    tracing::debug!(head, ?e, "rejecting TX chain");
-                    out.counts.bad_chains += 1;
-                }
-                Ok(total) => match tap.writev(&self.iov) {
-                    Ok(_) => {
-                        out.counts.packets += 1;
-                        out.counts.bytes += (total - hdr.len) as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        unpop(q);
-                        out.blocked = true;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(head, %e, "tap refused a TX frame");
-                        out.counts.dropped += 1;
-                        out.counts.tap_errors += 1;
-                    }
-                },
             }
-            if q.add_used(mem, head, 0).is_ok() {
-                out.counts.used += 1;
+            rechecked = false;
+            let n = self.step.len();
+            for k in 0..n {
+                let c = self.step[k];
+                match c.res {
+                    Err(e) => {
+                        tracing::debug!(head = c.head, ?e, "rejecting TX chain");
+                        out.counts.bad_chains += 1;
+                    }
+                    Ok(total) => match tap.writev(&self.iov[c.start..c.end]) {
+                        Ok(_) => {
+                            out.counts.packets += 1;
+                            out.counts.bytes += (total - hdr.len) as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // Give this chain and the rest of the step back to the ring.
+                            q.set_next_avail(q.next_avail().wrapping_sub((n - k) as u16));
+                            out.blocked = true;
+                            break 'steps;
+                        }
+                        Err(e) => {
+                            tracing::debug!(head = c.head, %e, "tap refused a TX frame");
+                            out.counts.dropped += 1;
+                            out.counts.tap_errors += 1;
+                        }
+                    },
+                }
+                if q.add_used(mem, c.head, 0).is_ok() {
+                    out.counts.used += 1;
+                }
             }
         }
         out
