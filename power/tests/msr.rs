@@ -277,10 +277,10 @@ fn missing_device_says_modprobe() {
 
 #[test]
 fn unprivileged_user_gets_capability_hint() {
-    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
-        eprintln!("skipped: needs root and setpriv to switch to user nobody");
-        return;
-    }
+    assert!(
+        is_root() && Path::new("/usr/bin/setpriv").exists(),
+        "this test needs root and setpriv (util-linux) to switch to user nobody; run `make test` as root"
+    );
     let t = TempDir::new("msr-perm");
     fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let dev = t.join("dev");

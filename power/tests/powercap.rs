@@ -272,10 +272,10 @@ fn root_only_energy_uj_gives_actionable_permission_error() {
 
 #[test]
 fn root_only_energy_uj_for_a_real_unprivileged_user() {
-    if !is_root() || !Path::new("/usr/bin/setpriv").exists() {
-        eprintln!("skipped: needs root and setpriv to switch to user nobody");
-        return;
-    }
+    assert!(
+        is_root() && Path::new("/usr/bin/setpriv").exists(),
+        "this test needs root and setpriv (util-linux) to switch to user nobody; run `make test` as root"
+    );
     let t = fixture_copy("intel-2pkg");
     make_root_only(t.path());
     // Temp dirs are created 0700 by some umasks: let nobody traverse the tree.
