@@ -121,6 +121,17 @@ impl HdrLayout {
     }
 }
 
+impl HdrLayout {
+    /// `Ok(n)` if a chain of `n` bytes can hold the virtio-net header.
+    fn fits(&self, n: usize) -> Result<usize, ChainError> {
+        if n < self.len {
+            Err(ChainError::TooShort)
+        } else {
+            Ok(n)
+        }
+    }
+}
+
 impl Default for HdrLayout {
     fn default() -> Self {
         HdrLayout {
@@ -318,13 +329,8 @@ impl TxPath {
                 for chain in chains.take(TX_STEP.min(budget - done)) {
                     let head = chain.head_index();
                     let start = self.iov.len();
-                    let res = collect_chain(mem, chain, false, &mut self.iov, None).and_then(|n| {
-                        if n < hdr.len {
-                            Err(ChainError::TooShort)
-                        } else {
-                            Ok(n)
-                        }
-                    });
+                    let res = collect_chain(mem, chain, false, &mut self.iov, None)
+                        .and_then(|n| hdr.fits(n));
                     if res.is_err() {
                         self.iov.truncate(start);
                     }
@@ -504,13 +510,8 @@ impl RxPath {
             self.iov.clear();
             self.segs.clear();
             let cap = match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.segs))
-                .and_then(|n| {
-                    if n < hdr.len {
-                        Err(ChainError::TooShort)
-                    } else {
-                        Ok(n)
-                    }
-                }) {
+                .and_then(|n| hdr.fits(n))
+            {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(head, ?e, "rejecting RX chain");

@@ -112,51 +112,26 @@ fn socket_problems_are_reported() {
     let dir = tempdir();
     let sock = dir.join("a.sock");
     let _first = spawn_backend(&ns, "a", &sock, "vnbs0", &[]);
-    assert_fails(
-        &serve(
+    // A second VM "b" started on `socket`.
+    let serve_b = |socket: &std::path::Path| {
+        serve(
             &ns,
             &[
                 "--vm",
                 "b",
                 "--socket",
-                sock.to_str().unwrap(),
+                socket.to_str().unwrap(),
                 "--tap",
                 "vnbs1",
             ],
-        ),
-        "in use by another process",
-    );
+        )
+    };
+    assert_fails(&serve_b(&sock), "in use by another process");
     let nodir = dir.join("no/such/dir/b.sock");
-    assert_fails(
-        &serve(
-            &ns,
-            &[
-                "--vm",
-                "b",
-                "--socket",
-                nodir.to_str().unwrap(),
-                "--tap",
-                "vnbs1",
-            ],
-        ),
-        "cannot listen on",
-    );
+    assert_fails(&serve_b(&nodir), "cannot listen on");
     let file = dir.join("plain-file");
     std::fs::write(&file, b"x").unwrap();
-    assert_fails(
-        &serve(
-            &ns,
-            &[
-                "--vm",
-                "b",
-                "--socket",
-                file.to_str().unwrap(),
-                "--tap",
-                "vnbs1",
-            ],
-        ),
-        "is not a socket",
-    );
+    assert_fails(&serve_b(&file), "is not a socket");
     assert_eq!(
         std::fs::read(&file).unwrap(),
         b"x",
