@@ -405,14 +405,12 @@ struct PendingRx {
     start_avail: u16,
     /// Frame length including the virtio-net header.
     len: usize,
-    /// First chain: head and guest segments (holds the header).
-    first: (u16, Vec<Seg>),
+    /// Head of the first chain (holds the header; its segments are in `RxPath::first_segs`).
+    first: u16,
     /// Bytes already placed in guest buffers (the first `filled` of the frame).
     filled: usize,
     /// Bytes placed in the first chain.
     first_len: usize,
-    /// Further chains: head and bytes placed.
-    extra: Vec<(u16, u32)>,
 }
 
 /// Tap → guest.
@@ -420,6 +418,10 @@ pub struct RxPath {
     iov: Vec<libc::iovec>,
     segs: Vec<Seg>,
     seg_scratch: Vec<Seg>,
+    /// Segments of a pending frame's first chain.
+    first_segs: Vec<Seg>,
+    /// A pending frame's further chains: head and bytes placed.
+    extra: Vec<(u16, u32)>,
     scratch: Box<[u8]>,
     pending: Option<PendingRx>,
 }
@@ -448,6 +450,8 @@ impl RxPath {
             iov: Vec::with_capacity(64),
             segs: Vec::with_capacity(64),
             seg_scratch: Vec::with_capacity(64),
+            first_segs: Vec::with_capacity(64),
+            extra: Vec::with_capacity(64),
             scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
             pending: None,
         }
@@ -565,12 +569,13 @@ impl RxPath {
             let p = PendingRx {
                 start_avail,
                 len: n,
-                first: (head, std::mem::take(&mut self.segs)),
+                first: head,
                 filled: cap,
                 first_len: cap,
-                extra: Vec::new(),
             };
-            self.segs = Vec::with_capacity(64);
+            // Keep the first chain's segments; both buffers are reused, nothing allocated.
+            std::mem::swap(&mut self.segs, &mut self.first_segs);
+            self.extra.clear();
             self.pending = Some(p);
         }
         out
@@ -605,7 +610,7 @@ impl RxPath {
                     if !write_segs(mem, &self.seg_scratch, 0, &self.scratch[from..from + take]) {
                         counts.bad_chains += 1;
                     }
-                    p.extra.push((head, take as u32));
+                    self.extra.push((head, take as u32));
                     p.filled += take;
                 }
                 other => {
@@ -617,14 +622,14 @@ impl RxPath {
                 }
             }
         }
-        let nbuf = (1 + p.extra.len()) as u16;
-        if !write_segs(mem, &p.first.1, 10, &nbuf.to_le_bytes()) {
+        let nbuf = (1 + self.extra.len()) as u16;
+        if !write_segs(mem, &self.first_segs, 10, &nbuf.to_le_bytes()) {
             counts.bad_chains += 1;
         }
-        if q.add_used(mem, p.first.0, p.first_len as u32).is_ok() {
+        if q.add_used(mem, p.first, p.first_len as u32).is_ok() {
             counts.used += 1;
         }
-        for &(h, l) in &p.extra {
+        for &(h, l) in &self.extra {
             if q.add_used(mem, h, l).is_ok() {
                 counts.used += 1;
             }
