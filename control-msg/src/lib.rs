@@ -40,7 +40,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn from_u8(v: u8) -> Option<Op> {
+    /// The op for a wire byte, if known.
+    pub fn from_u8(v: u8) -> Option<Op> {
         match v {
             1 => Some(Op::Set),
             2 => Some(Op::Get),

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use crate::policy::{resolve_budget, ModeSpec, PolicyConfig, PolicyError};
 use crate::tap::validate_ifname;
 
 /// Most queue pairs per VM (one worker thread each).
@@ -65,6 +66,15 @@ pub enum ConfigError {
         path: PathBuf,
         /// The parser's message.
         msg: String,
+    },
+    /// A bad batching setting.
+    #[error("VM {vm:?}: {source}")]
+    Policy {
+        /// VM name.
+        vm: String,
+        /// Why.
+        #[source]
+        source: PolicyError,
     },
     /// No VM configured.
     #[error("no VM configured: give --vm/--socket/--tap or --config FILE with [[vm]] tables")]
@@ -154,12 +164,67 @@ pub struct VmConfig {
     /// The guest's MAC address (give QEMU the same with `-device virtio-net-pci,mac=`).
     #[serde(default)]
     pub mac: Option<MacAddr>,
+    /// Batching mode: `off`, `fixed[:US]`, `adaptive[:US]` (default adaptive).
+    #[serde(default, deserialize_with = "de_mode")]
+    pub mode: Option<ModeSpec>,
+    /// The VM's buffer budget in µs (the largest delay; default 500).
+    #[serde(default)]
+    pub budget_us: Option<u32>,
+    /// EWMA smoothing factor α in [0, 1) (default 0.75).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// EWMA update interval in ms (default 5000).
+    #[serde(default)]
+    pub update_ms: Option<u32>,
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ModeSpec>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 impl VmConfig {
     /// The configured MAC, or the one derived from the name.
     pub fn mac(&self) -> MacAddr {
         self.mac.unwrap_or_else(|| MacAddr::for_name(&self.name))
+    }
+
+    /// A VM with default batching settings.
+    pub fn new(name: &str, socket: &Path, tap: &str, queues: u16, mac: Option<MacAddr>) -> Self {
+        VmConfig {
+            name: name.into(),
+            socket: socket.into(),
+            tap: tap.into(),
+            queues,
+            mac,
+            mode: None,
+            budget_us: None,
+            alpha: None,
+            update_ms: None,
+        }
+    }
+
+    /// The batching policy configuration these settings give.
+    pub fn policy(&self) -> Result<PolicyConfig, ConfigError> {
+        let err = |source| ConfigError::Policy {
+            vm: self.name.clone(),
+            source,
+        };
+        let spec = self.mode.unwrap_or(ModeSpec {
+            kind: crate::policy::ModeKind::Adaptive,
+            budget_us: None,
+        });
+        let (mode, budget_us) = resolve_budget(spec, self.budget_us).map_err(err)?;
+        let d = PolicyConfig::default();
+        let cfg = PolicyConfig {
+            mode,
+            budget_us,
+            alpha: self.alpha.unwrap_or(d.alpha),
+            update_ms: self.update_ms.unwrap_or(d.update_ms),
+            ..d
+        };
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
     }
 
     /// Checks one VM's fields.
@@ -182,7 +247,8 @@ impl VmConfig {
         validate_ifname(&self.tap).map_err(|source| ConfigError::BadTap {
             vm: self.name.clone(),
             source,
-        })
+        })?;
+        self.policy().map(|_| ())
     }
 }
 
@@ -253,12 +319,40 @@ mod tests {
     use super::*;
 
     fn vm(name: &str) -> VmConfig {
-        VmConfig {
-            name: name.into(),
-            socket: format!("/tmp/{name}.sock").into(),
-            tap: format!("t{name}"),
-            queues: 1,
-            mac: None,
+        VmConfig::new(
+            name,
+            Path::new(&format!("/tmp/{name}.sock")),
+            &format!("t{name}"),
+            1,
+            None,
+        )
+    }
+
+    #[test]
+    fn batching_settings_from_toml_and_their_errors() {
+        let ok = FileConfig::parse(
+            "[[vm]]\nname='a'\nsocket='/tmp/a'\ntap='ta'\nmode='fixed:250'\nalpha=0.5\nupdate_ms=100\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let p = ok[0].policy().unwrap();
+        assert_eq!(p.mode, crate::policy::ModeKind::Fixed);
+        assert_eq!((p.budget_us, p.alpha, p.update_ms), (250, 0.5, 100));
+        let d = vm("d").policy().unwrap();
+        assert_eq!(d.mode, crate::policy::ModeKind::Adaptive);
+        for (bad, want) in [
+            ("mode='turbo'", "unknown mode"),
+            ("mode='adaptive:1000'\nbudget_us=500", "give one of them"),
+            ("alpha=1.5", "alpha"),
+            ("update_ms=1", "update interval"),
+            ("budget_us=0", "budget"),
+        ] {
+            let text = format!("[[vm]]\nname='a'\nsocket='/tmp/a'\ntap='ta'\n{bad}\n");
+            let e = FileConfig::parse(&text, Path::new("x.toml"))
+                .and_then(|v| validate_all(&v))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{bad}: {e}");
         }
     }
 

@@ -20,6 +20,99 @@ pub const MAX_SEGMENTS: usize = 1024;
 pub const MAX_FRAME: usize = 65536 + 256;
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Control frames one TX run keeps for the control plane; more are dropped and counted.
+pub const CONTROL_INBOX: usize = 8;
+/// Bytes of a control frame kept: enough to tell a too-long frame from a valid one.
+pub const CONTROL_KEEP: usize = control_msg::MAX_FRAME_LEN + 2;
+
+/// A control frame taken off the TX ring (Ethernet header + payload, no virtio-net header).
+#[derive(Debug, Clone, Copy)]
+pub struct ControlFrame {
+    /// The frame's first bytes.
+    pub data: [u8; CONTROL_KEEP],
+    /// How many of them are valid (the frame's length, capped at `CONTROL_KEEP`).
+    pub len: usize,
+}
+
+impl ControlFrame {
+    /// The frame's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[..self.len]
+    }
+}
+
+/// Copies the bytes at `offset` of the buffer that `iov` describes into `out`; returns how many
+/// were available.
+fn peek_iov(iov: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for v in iov {
+        if done == out.len() {
+            break;
+        }
+        if offset >= v.iov_len {
+            offset -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - offset).min(out.len() - done);
+        for (i, o) in out[done..done + n].iter_mut().enumerate() {
+            // SAFETY: every iovec points into mapped guest memory or our scratch buffer, valid
+            // while the caller holds the memory guard; volatile because the guest may write
+            // concurrently.
+            *o = unsafe { std::ptr::read_volatile((v.iov_base as *const u8).add(offset + i)) };
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}
+
+/// Whether the frame in `iov` (after a virtio-net header of `hdr_len` bytes, `len` bytes in
+/// all) carries the control EtherType.
+fn is_control(iov: &[libc::iovec], hdr_len: usize, len: usize) -> bool {
+    let mut et = [0u8; 2];
+    len >= hdr_len + 14
+        && peek_iov(iov, hdr_len + 12, &mut et) == 2
+        && u16::from_be_bytes(et) == control_msg::ETHERTYPE
+}
+
+/// The guest's `used_event` (EVENT_IDX), read from the avail ring.
+pub fn used_event<M: GuestMemoryBackend>(q: &Queue, mem: &M) -> Option<u16> {
+    let addr = q.avail_ring().checked_add(4 + 2 * u64::from(q.size()))?;
+    mem.load::<u16>(GuestAddress(addr), std::sync::atomic::Ordering::Acquire)
+        .ok()
+        .map(u16::from_le)
+}
+
+/// Buffers the guest has made available and the device has not taken yet.
+pub fn free_buffers<M: GuestMemoryBackend>(q: &Queue, mem: &M) -> u16 {
+    q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map(|a| a.0.wrapping_sub(q.next_avail()))
+        .unwrap_or(0)
+}
+
+/// Re-enables guest kicks after a hold. Returns true if chains arrived meanwhile (drain them
+/// before relying on a kick).
+pub fn release_kicks<M: GuestMemoryBackend>(q: &mut Queue, mem: &M) -> bool {
+    matches!(q.enable_notification(mem), Ok(true))
+}
+
+/// Keeps guest kicks off until `cap` more chains are queued: with EVENT_IDX `avail_event` is
+/// set `cap` entries ahead (the guest kicks once when it crosses it, which is the frame-cap
+/// valve); without it `VRING_USED_F_NO_NOTIFY` stays set and only the timer drains the ring.
+pub fn hold_kicks<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, cap: u16) {
+    if q.event_idx_enabled() {
+        let event = q.next_avail().wrapping_add(cap.max(1) - 1);
+        if let Some(addr) = q.used_ring().checked_add(4 + 8 * u64::from(q.size())) {
+            let _ = mem.store(
+                event.to_le(),
+                GuestAddress(addr),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+    } else {
+        let _ = q.disable_notification(mem);
+    }
+}
 
 /// Access to the host side of a queue pair (the tap, or a fake in tests).
 pub trait TapIo {
@@ -86,6 +179,9 @@ pub struct PathCounts {
     pub dropped: u64,
     /// Tap I/O errors other than "would block".
     pub tap_errors: u64,
+    /// Control frames (EtherType 0x88B5): consumed from the guest on TX, dropped from the tap
+    /// on RX. Never forwarded.
+    pub control: u64,
 }
 
 impl PathCounts {
@@ -97,6 +193,7 @@ impl PathCounts {
         self.bad_chains += o.bad_chains;
         self.dropped += o.dropped;
         self.tap_errors += o.tap_errors;
+        self.control += o.control;
     }
 }
 
@@ -273,6 +370,13 @@ pub struct TxRun {
     pub more: bool,
 }
 
+impl TxRun {
+    /// Chains taken off the ring (sent, dropped, rejected or consumed as control frames).
+    pub fn moved(&self) -> u64 {
+        self.counts.packets + self.counts.dropped + self.counts.bad_chains + self.counts.control
+    }
+}
+
 /// Chains one TX step reads from the avail ring at once (one avail-index read per step).
 pub const TX_STEP: usize = 64;
 
@@ -283,6 +387,7 @@ struct TxChain {
     start: usize,
     end: usize,
     res: Result<usize, ChainError>,
+    control: bool,
 }
 
 /// Guest → tap.
@@ -290,6 +395,8 @@ struct TxChain {
 pub struct TxPath {
     iov: Vec<libc::iovec>,
     step: Vec<TxChain>,
+    /// Control frames taken off the ring in the last run, for the control plane.
+    pub control: Vec<ControlFrame>,
 }
 
 // SAFETY: the iovec buffer is scratch space, only meaningful during a `run` call.
@@ -301,10 +408,16 @@ impl TxPath {
         TxPath {
             iov: Vec::with_capacity(4 * TX_STEP),
             step: Vec::with_capacity(TX_STEP),
+            control: Vec::with_capacity(CONTROL_INBOX),
         }
     }
 
-    /// Moves up to `budget` frames from the TX ring to the tap.
+    /// Moves up to `budget` frames from the TX ring to the tap. Control frames go to
+    /// [`TxPath::control`] instead (cleared at the start of each run).
+    ///
+    /// With `hold: Some(cap)` (TX buffering), the run leaves guest kicks off when it finds the
+    /// ring empty ([`hold_kicks`]); the caller must have a timer armed to drain the ring and
+    /// re-enables kicks itself when the ring stays idle ([`release_kicks`]).
     pub fn run<M: GuestMemoryBackend>(
         &mut self,
         q: &mut Queue,
@@ -312,12 +425,14 @@ impl TxPath {
         tap: &mut impl TapIo,
         hdr: HdrLayout,
         budget: usize,
+        hold: Option<u16>,
     ) -> TxRun {
         let mut out = TxRun::default();
+        self.control.clear();
         let _ = q.disable_notification(mem);
         let mut rechecked = false;
         'steps: loop {
-            let done = (out.counts.packets + out.counts.dropped + out.counts.bad_chains) as usize;
+            let done = out.moved() as usize;
             if done >= budget {
                 out.more = true;
                 break;
@@ -335,15 +450,24 @@ impl TxPath {
                         self.iov.truncate(start);
                     }
                     let end = self.iov.len();
+                    let control = match res {
+                        Ok(n) => is_control(&self.iov[start..end], hdr.len, n),
+                        Err(_) => false,
+                    };
                     self.step.push(TxChain {
                         head,
                         start,
                         end,
                         res,
+                        control,
                     });
                 }
             }
             if self.step.is_empty() {
+                if let Some(cap) = hold {
+                    hold_kicks(q, mem, cap);
+                    break;
+                }
                 if next_after_empty(q, mem, &mut rechecked) {
                     continue;
                 }
@@ -357,6 +481,21 @@ impl TxPath {
                     Err(e) => {
                         tracing::debug!(head = c.head, ?e, "rejecting TX chain");
                         out.counts.bad_chains += 1;
+                    }
+                    Ok(total) if c.control => {
+                        out.counts.control += 1;
+                        if self.control.len() < CONTROL_INBOX {
+                            let mut f = ControlFrame {
+                                data: [0; CONTROL_KEEP],
+                                len: 0,
+                            };
+                            let len = (total - hdr.len).min(CONTROL_KEEP);
+                            f.len =
+                                peek_iov(&self.iov[c.start..c.end], hdr.len, &mut f.data[..len]);
+                            self.control.push(f);
+                        } else {
+                            out.counts.dropped += 1;
+                        }
                     }
                     Ok(total) => match tap.writev(&self.iov[c.start..c.end]) {
                         Ok(_) => {
@@ -411,6 +550,17 @@ struct PendingRx {
     filled: usize,
     /// Bytes placed in the first chain.
     first_len: usize,
+}
+
+/// Why a device-made frame could not be put on the RX ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverError {
+    /// A tap frame is half placed; try after it completes.
+    Busy,
+    /// The guest has no RX buffer.
+    NoBuffer,
+    /// The next buffer is too small for the frame.
+    TooSmall,
 }
 
 /// Tap → guest.
@@ -471,6 +621,61 @@ impl RxPath {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Puts a frame made by the device itself (a control reply: Ethernet header + payload) into
+    /// the next RX chain. Fails without side effects while a tap frame is half placed or when
+    /// the guest has no buffer (the caller keeps the frame for later); a chain too small for the
+    /// frame is given back and the frame refused.
+    pub fn deliver<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        hdr: HdrLayout,
+        frame: &[u8],
+        counts: &mut PathCounts,
+    ) -> Result<(), DeliverError> {
+        if self.pending.is_some() {
+            return Err(DeliverError::Busy);
+        }
+        loop {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                return Err(DeliverError::NoBuffer);
+            };
+            let head = chain.head_index();
+            self.iov.clear();
+            self.segs.clear();
+            match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.segs)) {
+                Ok(cap) if cap >= hdr.len + frame.len() => {
+                    let mut h = [0u8; 12];
+                    if hdr.len == 12 {
+                        h[10] = 1;
+                    }
+                    if !write_segs(mem, &self.segs, 0, &h[..hdr.len])
+                        || !write_segs(mem, &self.segs, hdr.len, frame)
+                    {
+                        counts.bad_chains += 1;
+                    }
+                    if q.add_used(mem, head, (hdr.len + frame.len()) as u32)
+                        .is_ok()
+                    {
+                        counts.used += 1;
+                    }
+                    return Ok(());
+                }
+                Ok(_) => {
+                    unpop(q);
+                    return Err(DeliverError::TooSmall);
+                }
+                Err(e) => {
+                    tracing::debug!(head, ?e, "rejecting RX chain");
+                    counts.bad_chains += 1;
+                    if q.add_used(mem, head, 0).is_ok() {
+                        counts.used += 1;
+                    }
+                }
+            }
         }
     }
 
@@ -547,6 +752,12 @@ impl RxPath {
                 // Not a frame we can deliver; reuse the chain.
                 unpop(q);
                 out.counts.dropped += 1;
+                continue;
+            }
+            if is_control(&self.iov, hdr.len, n) {
+                // Nobody outside may forge control replies: drop, reuse the chain.
+                unpop(q);
+                out.counts.control += 1;
                 continue;
             }
             if n <= cap {

@@ -9,10 +9,14 @@
 //! - [`server`]: per-VM sockets, connections and reconnects;
 //! - [`metrics`]: counters per VM and queue pair.
 
+pub mod batching;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod device;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod shim;
 pub mod tap;
+pub mod timer;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use vhost_net_batch::config::{validate_all, FileConfig, MacAddr, VmConfig};
+use vhost_net_batch::policy::PolicyError;
 use vhost_net_batch::server::{remove_private_dir, VmSlot};
 
 #[derive(Parser)]
@@ -28,7 +29,7 @@ enum Cmd {
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with [[vm]] tables (name, socket, tap, queues, mac).
-    #[arg(long, conflicts_with_all = ["vm", "socket", "tap", "queues", "mac"])]
+    #[arg(long, conflicts_with_all = ["vm", "socket", "tap", "queues", "mac", "mode", "budget_us", "alpha", "update_ms"])]
     config: Option<PathBuf>,
     /// VM name (logs, metrics).
     #[arg(long)]
@@ -45,6 +46,18 @@ struct ServeArgs {
     /// The guest's MAC address (give QEMU the same).
     #[arg(long)]
     mac: Option<String>,
+    /// Batching mode: off, fixed:US or adaptive:US (default adaptive with --budget-us).
+    #[arg(long)]
+    mode: Option<String>,
+    /// The VM's buffer budget: the largest delay in µs (default 500).
+    #[arg(long)]
+    budget_us: Option<u32>,
+    /// EWMA smoothing factor α in [0, 1) (default 0.75).
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// EWMA update interval in ms (default 5000).
+    #[arg(long)]
+    update_ms: Option<u32>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, default_value = "info", env = "VNB_LOG")]
     log: String,
@@ -61,13 +74,15 @@ fn vms_from(args: &ServeArgs) -> Result<Vec<VmConfig>, String> {
         Some(m) => Some(m.parse::<MacAddr>().map_err(|e| e.to_string())?),
         None => None,
     };
-    let vms = vec![VmConfig {
-        name: name.clone(),
-        socket: socket.clone(),
-        tap: tap.clone(),
-        queues: args.queues,
-        mac,
-    }];
+    let mut vm = VmConfig::new(name, socket, tap, args.queues, mac);
+    vm.mode = match &args.mode {
+        Some(m) => Some(m.parse().map_err(|e: PolicyError| e.to_string())?),
+        None => None,
+    };
+    vm.budget_us = args.budget_us;
+    vm.alpha = args.alpha;
+    vm.update_ms = args.update_ms;
+    let vms = vec![vm];
     validate_all(&vms).map_err(|e| e.to_string())?;
     Ok(vms)
 }

@@ -7,37 +7,151 @@ use serde::Serialize;
 
 use crate::datapath::PathCounts;
 
-/// Counters of one queue pair.
+/// Upper bounds of the batch-size histogram buckets (packets per flush); the last is +Inf.
+pub const BATCH_BOUNDS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// A histogram of batch sizes (non-cumulative buckets, the last one for larger batches).
 #[derive(Debug, Default)]
-pub struct QueueStats {
+pub struct Histogram {
+    buckets: [AtomicU64; 10],
+    sum: AtomicU64,
+}
+
+/// A plain copy of a [`Histogram`].
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Counts per bucket of [`BATCH_BOUNDS`] (non-cumulative), then the overflow bucket.
+    pub buckets: [u64; 10],
+    /// Sum of all observed values.
+    pub sum: u64,
+}
+
+impl Histogram {
+    /// Records one batch of `n` packets.
+    pub fn observe(&self, n: u64) {
+        let i = BATCH_BOUNDS
+            .iter()
+            .position(|&b| n <= b)
+            .unwrap_or(BATCH_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum.fetch_add(n, Relaxed);
+    }
+
+    /// A plain copy.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            sum: self.sum.load(Relaxed),
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    fn add(&mut self, o: &HistogramSnapshot) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a += b;
+        }
+        self.sum += o.sum;
+    }
+}
+
+macro_rules! queue_counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Counters of one queue pair.
+        #[derive(Debug, Default)]
+        pub struct QueueStats {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+            /// Packets per RX interrupt flush.
+            pub rx_batches: Histogram,
+            /// Packets per TX drain while kicks were held.
+            pub tx_batches: Histogram,
+        }
+
+        /// Plain counters of one queue pair, for reports.
+        #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+        pub struct QueueSnapshot {
+            $($(#[doc = $doc])* pub $name: u64,)*
+            /// Packets per RX interrupt flush.
+            pub rx_batches: HistogramSnapshot,
+            /// Packets per TX drain while kicks were held.
+            pub tx_batches: HistogramSnapshot,
+        }
+
+        impl QueueStats {
+            /// A plain copy of the counters.
+            pub fn snapshot(&self) -> QueueSnapshot {
+                QueueSnapshot {
+                    $($name: self.$name.load(Relaxed),)*
+                    rx_batches: self.rx_batches.snapshot(),
+                    tx_batches: self.tx_batches.snapshot(),
+                }
+            }
+        }
+
+        impl QueueSnapshot {
+            /// Adds `o` to `self`.
+            pub fn add(&mut self, o: &QueueSnapshot) {
+                $(self.$name += o.$name;)*
+                self.rx_batches.add(&o.rx_batches);
+                self.tx_batches.add(&o.tx_batches);
+            }
+
+            /// `(name, value, help)` of every plain counter, for exporters.
+            pub fn counters(&self) -> Vec<(&'static str, u64, &'static str)> {
+                vec![$((stringify!($name), self.$name, concat!($($doc),*).trim()),)*]
+            }
+        }
+    };
+}
+
+queue_counters! {
     /// Frames the guest sent (TX ring → tap).
-    pub tx_packets: AtomicU64,
+    tx_packets,
     /// Payload bytes the guest sent.
-    pub tx_bytes: AtomicU64,
+    tx_bytes,
     /// Frames delivered to the guest (tap → RX ring).
-    pub rx_packets: AtomicU64,
+    rx_packets,
     /// Payload bytes delivered to the guest.
-    pub rx_bytes: AtomicU64,
+    rx_bytes,
     /// Malformed TX chains rejected.
-    pub tx_bad_chains: AtomicU64,
+    tx_bad_chains,
     /// Malformed RX chains rejected.
-    pub rx_bad_chains: AtomicU64,
+    rx_bad_chains,
     /// TX frames the tap refused.
-    pub tx_dropped: AtomicU64,
+    tx_dropped,
     /// RX frames dropped (too large for a non-mergeable buffer, or abandoned at ring stop).
-    pub rx_dropped: AtomicU64,
+    rx_dropped,
     /// Tap I/O errors.
-    pub tap_errors: AtomicU64,
+    tap_errors,
     /// Guest kicks on the TX queue.
-    pub tx_kicks: AtomicU64,
+    tx_kicks,
     /// Guest kicks on the RX queue.
-    pub rx_kicks: AtomicU64,
+    rx_kicks,
     /// Interrupts (call eventfd writes) for the TX queue.
-    pub tx_interrupts: AtomicU64,
+    tx_interrupts,
     /// Interrupts for the RX queue.
-    pub rx_interrupts: AtomicU64,
+    rx_interrupts,
     /// Worker wake-ups.
-    pub wakeups: AtomicU64,
+    wakeups,
+    /// RX interrupt timer expiries.
+    rx_timer_fires,
+    /// TX drain timer expiries.
+    tx_timer_fires,
+    /// RX flushes forced by the frame cap.
+    rx_flush_frame_cap,
+    /// RX flushes forced by the guest running low on RX buffers.
+    rx_flush_low_water,
+    /// RX flushes the guest's EVENT_IDX used_event asked for (it batches by itself).
+    flush_used_event,
+    /// TX drains forced by the frame cap (a kick while kicks were held).
+    tx_flush_frame_cap,
+    /// Control frames the guest sent on this queue (consumed, never forwarded).
+    control_frames,
 }
 
 impl QueueStats {
@@ -48,6 +162,9 @@ impl QueueStats {
         self.tx_bad_chains.fetch_add(c.bad_chains, Relaxed);
         self.tx_dropped.fetch_add(c.dropped, Relaxed);
         self.tap_errors.fetch_add(c.tap_errors, Relaxed);
+        if c.control > 0 {
+            self.control_frames.fetch_add(c.control, Relaxed);
+        }
     }
 
     /// Folds one RX batch in.
@@ -58,46 +175,6 @@ impl QueueStats {
         self.rx_dropped.fetch_add(c.dropped, Relaxed);
         self.tap_errors.fetch_add(c.tap_errors, Relaxed);
     }
-
-    /// A plain copy of the counters.
-    pub fn snapshot(&self) -> QueueSnapshot {
-        QueueSnapshot {
-            tx_packets: self.tx_packets.load(Relaxed),
-            tx_bytes: self.tx_bytes.load(Relaxed),
-            rx_packets: self.rx_packets.load(Relaxed),
-            rx_bytes: self.rx_bytes.load(Relaxed),
-            tx_bad_chains: self.tx_bad_chains.load(Relaxed),
-            rx_bad_chains: self.rx_bad_chains.load(Relaxed),
-            tx_dropped: self.tx_dropped.load(Relaxed),
-            rx_dropped: self.rx_dropped.load(Relaxed),
-            tap_errors: self.tap_errors.load(Relaxed),
-            tx_kicks: self.tx_kicks.load(Relaxed),
-            rx_kicks: self.rx_kicks.load(Relaxed),
-            tx_interrupts: self.tx_interrupts.load(Relaxed),
-            rx_interrupts: self.rx_interrupts.load(Relaxed),
-            wakeups: self.wakeups.load(Relaxed),
-        }
-    }
-}
-
-/// Plain counters of one queue pair, for reports.
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub struct QueueSnapshot {
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_bad_chains: u64,
-    pub rx_bad_chains: u64,
-    pub tx_dropped: u64,
-    pub rx_dropped: u64,
-    pub tap_errors: u64,
-    pub tx_kicks: u64,
-    pub rx_kicks: u64,
-    pub tx_interrupts: u64,
-    pub rx_interrupts: u64,
-    pub wakeups: u64,
 }
 
 /// Counters of one VM.
@@ -122,22 +199,36 @@ impl VmMetrics {
     pub fn total(&self) -> QueueSnapshot {
         let mut t = QueueSnapshot::default();
         for q in &self.queues {
-            let s = q.snapshot();
-            t.tx_packets += s.tx_packets;
-            t.tx_bytes += s.tx_bytes;
-            t.rx_packets += s.rx_packets;
-            t.rx_bytes += s.rx_bytes;
-            t.tx_bad_chains += s.tx_bad_chains;
-            t.rx_bad_chains += s.rx_bad_chains;
-            t.tx_dropped += s.tx_dropped;
-            t.rx_dropped += s.rx_dropped;
-            t.tap_errors += s.tap_errors;
-            t.tx_kicks += s.tx_kicks;
-            t.rx_kicks += s.rx_kicks;
-            t.tx_interrupts += s.tx_interrupts;
-            t.rx_interrupts += s.rx_interrupts;
-            t.wakeups += s.wakeups;
+            t.add(&q.snapshot());
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_totals() {
+        let h = Histogram::default();
+        for n in [1, 2, 3, 64, 65, 1000] {
+            h.observe(n);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.buckets, [1, 1, 1, 0, 0, 0, 1, 1, 0, 1]);
+        assert_eq!(s.sum, 1135);
+        assert_eq!(s.count(), 6);
+        let m = VmMetrics::new(2);
+        m.queues[0].tx_kicks.fetch_add(3, Relaxed);
+        m.queues[1].tx_kicks.fetch_add(4, Relaxed);
+        m.queues[1].rx_batches.observe(5);
+        let t = m.total();
+        assert_eq!(t.tx_kicks, 7);
+        assert_eq!(t.rx_batches.count(), 1);
+        assert!(t
+            .counters()
+            .iter()
+            .any(|(n, v, h)| *n == "tx_kicks" && *v == 7 && h.contains("kicks")));
     }
 }

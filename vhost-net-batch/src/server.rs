@@ -15,8 +15,9 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::config::VmConfig;
-use crate::device::{resched_event_id, tap_event_id, NetDevice};
+use crate::batching::VmBatching;
+use crate::config::{ConfigError, VmConfig};
+use crate::device::{tap_event_id, NetDevice};
 use crate::metrics::VmMetrics;
 use crate::shim;
 use crate::tap::{Tap, TapError};
@@ -51,6 +52,9 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// A bad setting.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
     /// The tap could not be opened.
     #[error("VM {vm:?}: {source}")]
     Tap {
@@ -141,17 +145,20 @@ pub struct VmSlot {
     tap: Arc<Tap>,
     listener: UnixListener,
     metrics: Arc<VmMetrics>,
+    batching: Arc<VmBatching>,
 }
 
 impl VmSlot {
     /// Opens the tap and binds the socket (socket last, so its presence means ready).
     pub fn open(cfg: VmConfig) -> Result<Self, ServeError> {
+        let policy = cfg.policy()?;
         let tap = Tap::open(&cfg.tap, cfg.queues).map_err(|source| ServeError::Tap {
             vm: cfg.name.clone(),
             source,
         })?;
         let listener = bind_socket(&cfg.name, &cfg.socket)?;
         let metrics = Arc::new(VmMetrics::new(cfg.queues as usize));
+        let batching = Arc::new(VmBatching::new(policy, crate::timer::now_ns(), &metrics));
         tracing::info!(
             vm = %cfg.name, socket = %cfg.socket.display(), tap = %cfg.tap,
             queues = cfg.queues, mac = %cfg.mac(), "VM ready for a frontend"
@@ -161,6 +168,7 @@ impl VmSlot {
             tap: Arc::new(tap),
             listener,
             metrics,
+            batching,
         })
     }
 
@@ -177,6 +185,11 @@ impl VmSlot {
     /// The VM's counters.
     pub fn metrics(&self) -> &Arc<VmMetrics> {
         &self.metrics
+    }
+
+    /// The VM's batching state.
+    pub fn batching(&self) -> &Arc<VmBatching> {
+        &self.batching
     }
 
     /// Accepts frontends one after the other, forever.
@@ -215,7 +228,9 @@ impl VmSlot {
             self.tap.clone(),
             mem.clone(),
             self.metrics.clone(),
+            self.batching.clone(),
         )?);
+        self.batching.reset_guest();
         let result = self.run_daemon(&device, mem, &frontend);
         // Every worker thread has been joined: the exit eventfds are ours to close.
         device.close_exit_consumers();
@@ -238,12 +253,10 @@ impl VmSlot {
                 tap_id,
             )
             .map_err(ConnError::Internal)?;
-            h.register_listener(
-                device.resched_fd(i),
-                EventSet::IN,
-                resched_event_id(self.cfg.queues),
-            )
-            .map_err(ConnError::Internal)?;
+            for (fd, id) in device.worker_fds(i) {
+                h.register_listener(fd, EventSet::IN, id)
+                    .map_err(ConnError::Internal)?;
+            }
         }
         let backend_side = self.connect_handler(&mut daemon)?;
         let relayed = shim::relay(frontend, &backend_side);

@@ -137,7 +137,7 @@ fn tx_moves_split_and_indirect_chains_to_the_tap() {
     .unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
     let mut tap = FakeTap::default();
-    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!(r.counts.packets, 2);
     assert_eq!(r.counts.bytes, 100 + 1400);
     assert_eq!(r.counts.bad_chains, 0);
@@ -200,7 +200,7 @@ fn tx_rejects_malformed_chains_and_keeps_going() {
     );
     let mut q: Queue = vq.create_queue().unwrap();
     let mut tap = FakeTap::default();
-    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!(r.counts.bad_chains, 6, "{r:?}");
     assert_eq!(r.counts.packets, 1);
     assert_eq!(tap.tx, vec![good]);
@@ -228,18 +228,18 @@ fn tx_tap_would_block_gives_the_chain_back() {
         ..Default::default()
     };
     let mut tx = TxPath::new();
-    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert!(r.blocked);
     assert_eq!(q.next_avail(), 0);
     assert!(used(&m, &q).is_empty());
     tap.tx_error = None;
-    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!(r.counts.packets, 1);
     assert_eq!(used(&m, &q), vec![(0, 0)]);
     // A hard error drops and completes the frame.
     vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 1).unwrap();
     tap.tx_error = Some(libc::EINVAL);
-    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!(
         (r.counts.dropped, r.counts.tap_errors, r.counts.used),
         (1, 1, 1)
@@ -255,9 +255,9 @@ fn tx_budget_bounds_one_run() {
     let mut q: Queue = vq.create_queue().unwrap();
     let mut tap = FakeTap::default();
     let mut tx = TxPath::new();
-    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 64);
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 64, None);
     assert_eq!((r.counts.packets, r.more), (64, true));
-    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!((r.counts.packets, r.more), (136, false));
 }
 
@@ -527,7 +527,7 @@ fn flags_signalling_without_event_idx() {
     // when the ring is empty.
     let mut tap = FakeTap::default();
     q.set_next_avail(0);
-    TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     let used_flags: u16 = m.read_obj(GuestAddress(q.used_ring())).unwrap();
     assert_eq!(used_flags, 0, "kicks re-enabled once the ring is drained");
 }
@@ -542,7 +542,7 @@ fn corrupt_avail_index_does_not_spin_the_worker() {
     m.write_obj(1000u16, vq.avail_addr().unchecked_add(2))
         .unwrap();
     let mut tap = FakeTap::default();
-    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!(r.counts.packets, 0);
     assert!(!r.more);
     let mut tap = FakeTap {

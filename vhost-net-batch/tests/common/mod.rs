@@ -92,13 +92,7 @@ pub fn start_slot(name: &str, tap: &str, sock: &std::path::Path) -> Arc<VmSlot> 
 
 /// As [`start_slot`] with `queues` queue pairs.
 pub fn start_slot_mq(name: &str, tap: &str, sock: &std::path::Path, queues: u16) -> Arc<VmSlot> {
-    let cfg = VmConfig {
-        name: name.into(),
-        socket: sock.into(),
-        tap: tap.into(),
-        queues,
-        mac: None,
-    };
+    let cfg = VmConfig::new(name, sock, tap, queues, None);
     let slot = Arc::new(VmSlot::open(cfg).unwrap_or_else(|e| panic!("open VM slot {name}: {e}")));
     let s = slot.clone();
     std::thread::spawn(move || s.serve_forever());

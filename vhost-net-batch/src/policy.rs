@@ -1,0 +1,793 @@
+//! The batching policy: pure arithmetic over packet counters and a clock (DESIGN.md §1, §4).
+//!
+//! Nothing here reads a clock, touches a ring or arms a timer. The caller passes the time
+//! (nanoseconds on any monotonic scale; tests use a fake one) and the VM's running packet
+//! totals; the policy answers with the delays the mechanism should apply:
+//!
+//! - every update interval, `p_s = n_s / (n_s + n_r + 1)` over the packets of that interval and
+//!   `p* ← α·p* + (1−α)·p_s`;
+//! - `T = min(operator budget, guest's max_rtt_us)`;
+//! - adaptive: TX delay `b_s = p*·T`, RX delay `b_r = (1−p*)·T`; fixed: both `T`.
+//!
+//! **Why a recursive EWMA.** The paper (Shea, Wang, Liu, INFOCOM 2014) prints the update as
+//! `p* = α·p_s(t−1) + (1−α)·p_s(t)`, which mixes only the last two raw samples: it is a two-tap
+//! filter that forgets everything older than one interval, so a single odd interval swings the
+//! delays by up to `(1−α)` of their range and two odd ones replace the history completely. The
+//! text around the formula describes a moving average that smooths bursts, which is the
+//! recursive form used here (`p*` feeds back into itself); with α = 0.75 an interval's weight
+//! decays as 0.75ᵏ instead of vanishing after one step.
+//!
+//! Safety valves are decided here too ([`Policy::rx_valve`], [`used_event_asks`]) so a test can
+//! drive every branch; the mechanism only reports the ring state and counts the reasons.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// The published default smoothing factor.
+pub const DEFAULT_ALPHA: f64 = 0.75;
+/// The published default update interval, in milliseconds.
+pub const DEFAULT_UPDATE_MS: u32 = 5000;
+/// Budget used when neither the mode nor `--budget-us` gives one, in microseconds.
+pub const DEFAULT_BUDGET_US: u32 = 500;
+/// Delays shorter than this are not applied (0 instead): a timer wake-up every few
+/// microseconds costs more than the notifications it saves.
+pub const MIN_DELAY_US: u32 = 50;
+/// Largest budget accepted (100 ms): beyond that TCP's own timers start to misfire.
+pub const MAX_BUDGET_US: u32 = 100_000;
+
+/// How a VM's notifications are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeKind {
+    /// Notify at once: the unmodified baseline.
+    Off,
+    /// Both directions delayed by the budget.
+    Fixed,
+    /// Delays split by the EWMA of the send share.
+    Adaptive,
+}
+
+/// A mode as written on the command line: `off`, `fixed[:US]`, `adaptive[:US]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeSpec {
+    /// The kind.
+    pub kind: ModeKind,
+    /// The budget given with the mode (`:US`), if any.
+    pub budget_us: Option<u32>,
+}
+
+/// A bad mode string or policy parameter.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum PolicyError {
+    /// Not `off`, `fixed[:US]` or `adaptive[:US]`.
+    #[error("unknown mode {0:?}: use off, fixed:US or adaptive:US (US = microseconds)")]
+    BadMode(String),
+    /// The microseconds after the colon are not a number in range.
+    #[error("bad budget in mode {0:?}: give microseconds between 1 and {MAX_BUDGET_US}")]
+    BadModeBudget(String),
+    /// `--budget-us` out of range.
+    #[error("budget {0} µs out of range: give 1..={MAX_BUDGET_US}")]
+    BadBudget(u32),
+    /// The mode's `:US` and `--budget-us` disagree.
+    #[error("mode says {mode_us} µs but --budget-us says {budget_us} µs; give one of them")]
+    ConflictingBudget {
+        /// From the mode string.
+        mode_us: u32,
+        /// From `--budget-us`.
+        budget_us: u32,
+    },
+    /// α outside [0, 1).
+    #[error("alpha {0} out of range: give a value in [0, 1)")]
+    BadAlpha(f64),
+    /// Update interval outside 10 ms ..= 60 s.
+    #[error("update interval {0} ms out of range: give 10..=60000")]
+    BadUpdate(u32),
+}
+
+impl FromStr for ModeSpec {
+    type Err = PolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, us) = match s.split_once(':') {
+            Some((n, u)) => (n, Some(u)),
+            None => (s, None),
+        };
+        let kind = match name {
+            "off" => ModeKind::Off,
+            "fixed" => ModeKind::Fixed,
+            "adaptive" => ModeKind::Adaptive,
+            _ => return Err(PolicyError::BadMode(s.into())),
+        };
+        let budget_us = match us {
+            None => None,
+            Some(_) if kind == ModeKind::Off => return Err(PolicyError::BadMode(s.into())),
+            Some(u) => match u.parse::<u32>() {
+                Ok(v) if (1..=MAX_BUDGET_US).contains(&v) => Some(v),
+                _ => return Err(PolicyError::BadModeBudget(s.into())),
+            },
+        };
+        Ok(ModeSpec { kind, budget_us })
+    }
+}
+
+impl fmt::Display for ModeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.kind {
+            ModeKind::Off => "off",
+            ModeKind::Fixed => "fixed",
+            ModeKind::Adaptive => "adaptive",
+        };
+        match self.budget_us {
+            Some(us) => write!(f, "{name}:{us}"),
+            None => f.write_str(name),
+        }
+    }
+}
+
+/// Resolves a mode and an optional `--budget-us` into the mode kind and the operator's budget.
+pub fn resolve_budget(
+    mode: ModeSpec,
+    budget_us: Option<u32>,
+) -> Result<(ModeKind, u32), PolicyError> {
+    if let Some(b) = budget_us {
+        if !(1..=MAX_BUDGET_US).contains(&b) {
+            return Err(PolicyError::BadBudget(b));
+        }
+    }
+    let budget = match (mode.budget_us, budget_us) {
+        (Some(m), Some(b)) if m != b => {
+            return Err(PolicyError::ConflictingBudget {
+                mode_us: m,
+                budget_us: b,
+            })
+        }
+        (Some(m), _) => m,
+        (None, Some(b)) => b,
+        (None, None) => DEFAULT_BUDGET_US,
+    };
+    Ok((mode.kind, budget))
+}
+
+/// Tunables of the policy; the defaults are documented values, not magic.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PolicyConfig {
+    /// Mode kind.
+    pub mode: ModeKind,
+    /// The operator's per-VM buffer budget (largest `T`), µs.
+    pub budget_us: u32,
+    /// EWMA smoothing factor α (weight of the old value).
+    pub alpha: f64,
+    /// EWMA update interval, ms.
+    pub update_ms: u32,
+    /// Flush at once when this many completions wait for an interrupt (Linux's NAPI weight).
+    pub frame_cap: u16,
+    /// Flush at once when fewer free RX buffers than this share of the ring remain, percent.
+    pub rx_low_water_pct: u8,
+    /// Below this many packets per second (both directions) nothing is delayed.
+    pub rate_floor_pps: u32,
+    /// Window over which the packet rate is measured for the floor, ms.
+    pub rate_window_ms: u32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            mode: ModeKind::Adaptive,
+            budget_us: DEFAULT_BUDGET_US,
+            alpha: DEFAULT_ALPHA,
+            update_ms: DEFAULT_UPDATE_MS,
+            frame_cap: 64,
+            rx_low_water_pct: 25,
+            rate_floor_pps: 1000,
+            rate_window_ms: 100,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Checks the ranges of α and the update interval.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if !(0.0..1.0).contains(&self.alpha) {
+            return Err(PolicyError::BadAlpha(self.alpha));
+        }
+        if !(10..=60_000).contains(&self.update_ms) {
+            return Err(PolicyError::BadUpdate(self.update_ms));
+        }
+        if !(1..=MAX_BUDGET_US).contains(&self.budget_us) {
+            return Err(PolicyError::BadBudget(self.budget_us));
+        }
+        Ok(())
+    }
+}
+
+/// What the guest asked for in its last SET (DESIGN.md §5). The guest may ask for less than the
+/// operator's budget or turn buffering off, never for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GuestPrefs {
+    /// RX interrupt buffering wanted.
+    pub rx: bool,
+    /// TX kick buffering wanted.
+    pub tx: bool,
+    /// Adaptive split wanted (otherwise both directions get `T`).
+    pub adaptive: bool,
+    /// Largest extra RTT the guest tolerates, µs; `u32::MAX` when it never said.
+    pub max_rtt_us: u32,
+}
+
+impl Default for GuestPrefs {
+    fn default() -> Self {
+        GuestPrefs {
+            rx: true,
+            tx: true,
+            adaptive: true,
+            max_rtt_us: u32::MAX,
+        }
+    }
+}
+
+/// Delays the mechanism applies, in nanoseconds (0 = notify at once).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Delays {
+    /// RX interrupt delay `b_r`.
+    pub rx_ns: u64,
+    /// TX kick delay `b_s`.
+    pub tx_ns: u64,
+}
+
+/// Why completions were signalled before their timer fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Valve {
+    /// Pending completions reached the frame cap.
+    FrameCap,
+    /// The guest is running out of RX buffers.
+    LowWater,
+    /// The guest's EVENT_IDX `used_event` asked for an interrupt inside this batch.
+    UsedEvent,
+}
+
+/// True when the guest's `used_event` lies strictly after the first new entry of a batch that
+/// moved the used index from `old` to `new`, and the batch reached it.
+///
+/// A driver re-enabling interrupts normally sets `used_event` to the index it will read next
+/// (the first new entry): that is the interrupt we defer. A `used_event` further ahead means the
+/// driver is batching by itself (Linux's `virtqueue_enable_cb_delayed`, used when its TX ring
+/// is full and it waits for 3/4 of the outstanding buffers): it has already waited, so delaying
+/// again would only stall it.
+pub fn used_event_asks(used_event: u16, old: u16, new: u16) -> bool {
+    let ahead = used_event.wrapping_sub(old);
+    let moved = new.wrapping_sub(old);
+    ahead >= 1 && ahead < moved
+}
+
+/// The RX safety valve for a batch: `pending` completions wait for an interrupt, `free` RX
+/// buffers remain of a ring of `size`.
+pub fn rx_valve(cfg: &PolicyConfig, pending: u32, free: u16, size: u16) -> Option<Valve> {
+    if pending >= u32::from(cfg.frame_cap) {
+        Some(Valve::FrameCap)
+    } else if u32::from(free) * 100 < u32::from(size) * u32::from(cfg.rx_low_water_pct) {
+        Some(Valve::LowWater)
+    } else {
+        None
+    }
+}
+
+/// The per-VM batching policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    cfg: PolicyConfig,
+    guest: GuestPrefs,
+    /// `p*`, the smoothed send share.
+    p_star: f64,
+    last_update_ns: u64,
+    last_update_counts: (u64, u64),
+    window_start_ns: u64,
+    window_counts: (u64, u64),
+    /// Packets per second of the last rate window, `(sent, received)`.
+    rates: (u64, u64),
+    /// The last rate window was above the floor.
+    active: bool,
+    updates: u64,
+    floor_windows: u64,
+}
+
+/// The policy's visible state, for stats and control replies.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PolicyView {
+    /// The operator's configuration.
+    pub config: PolicyConfig,
+    /// What the guest asked for.
+    pub guest: GuestPrefs,
+    /// Effective `T`, µs.
+    pub t_us: u32,
+    /// `p*`.
+    pub send_ratio: f64,
+    /// Configured RX delay `b_r`, µs (before the rate floor).
+    pub rx_delay_us: u32,
+    /// Configured TX delay `b_s`, µs (before the rate floor).
+    pub tx_delay_us: u32,
+    /// Whether the packet rate is above the floor (delays apply).
+    pub active: bool,
+    /// Packets per second sent by the guest in the last rate window.
+    pub tx_pps: u64,
+    /// Packets per second received by the guest in the last rate window.
+    pub rx_pps: u64,
+    /// EWMA updates so far.
+    pub updates: u64,
+    /// Rate windows in which the floor held the delays at zero.
+    pub floor_windows: u64,
+}
+
+impl Policy {
+    /// A policy starting at `now_ns` with `p* = 0.5` (no information yet) and the VM's packet
+    /// totals `(n_s, n_r)` at that time.
+    pub fn new(cfg: PolicyConfig, now_ns: u64, totals: (u64, u64)) -> Self {
+        Policy {
+            cfg,
+            guest: GuestPrefs::default(),
+            p_star: 0.5,
+            last_update_ns: now_ns,
+            last_update_counts: totals,
+            window_start_ns: now_ns,
+            window_counts: totals,
+            rates: (0, 0),
+            active: false,
+            updates: 0,
+            floor_windows: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// The operator changes mode and budget (takes effect at once).
+    pub fn set_operator(&mut self, mode: ModeKind, budget_us: u32) {
+        self.cfg.mode = mode;
+        self.cfg.budget_us = budget_us;
+    }
+
+    /// The guest's SET. Returns true when the request was clamped to the operator's budget
+    /// (or to zero because the operator turned batching off).
+    pub fn set_guest(&mut self, prefs: GuestPrefs) -> bool {
+        self.guest = prefs;
+        let wants = (prefs.rx || prefs.tx) && prefs.max_rtt_us > 0;
+        wants && prefs.max_rtt_us > self.operator_t_us()
+    }
+
+    /// Forgets the guest's preferences (a new frontend connected).
+    pub fn reset_guest(&mut self) {
+        self.guest = GuestPrefs::default();
+    }
+
+    /// The guest's preferences.
+    pub fn guest(&self) -> GuestPrefs {
+        self.guest
+    }
+
+    fn operator_t_us(&self) -> u32 {
+        match self.cfg.mode {
+            ModeKind::Off => 0,
+            _ => self.cfg.budget_us,
+        }
+    }
+
+    /// Effective `T` in µs: the smaller of the budget and the guest's limit; 0 when off.
+    pub fn t_us(&self) -> u32 {
+        if !self.guest.rx && !self.guest.tx {
+            return 0;
+        }
+        self.operator_t_us().min(self.guest.max_rtt_us)
+    }
+
+    /// `p*`.
+    pub fn send_ratio(&self) -> f64 {
+        self.p_star
+    }
+
+    /// The configured delays `(b_r, b_s)` in µs, ignoring the rate floor.
+    pub fn configured_us(&self) -> (u32, u32) {
+        let t = self.t_us() as f64;
+        let (r, s) = match self.cfg.mode {
+            ModeKind::Off => (0.0, 0.0),
+            ModeKind::Fixed => (t, t),
+            ModeKind::Adaptive if !self.guest.adaptive => (t, t),
+            ModeKind::Adaptive => ((1.0 - self.p_star) * t, self.p_star * t),
+        };
+        let keep = |on: bool, v: f64| {
+            let v = v.round() as u32;
+            if on && v >= MIN_DELAY_US {
+                v
+            } else {
+                0
+            }
+        };
+        (keep(self.guest.rx, r), keep(self.guest.tx, s))
+    }
+
+    /// The delays to apply now: the configured ones while the rate is above the floor, and
+    /// per direction only if at least one packet is expected per delay period (a timer firing
+    /// more often than packets arrive would cost more wake-ups than the notifications it saves).
+    pub fn delays(&self) -> Delays {
+        if !self.active {
+            return Delays::default();
+        }
+        let (r, s) = self.configured_us();
+        let worth = |us: u32, pps: u64| u64::from(us) * pps >= 1_000_000;
+        Delays {
+            rx_ns: if worth(r, self.rates.1) {
+                u64::from(r) * 1000
+            } else {
+                0
+            },
+            tx_ns: if worth(s, self.rates.0) {
+                u64::from(s) * 1000
+            } else {
+                0
+            },
+        }
+    }
+
+    /// When [`Policy::tick`] next has work to do.
+    pub fn next_tick_ns(&self) -> u64 {
+        let w = self.window_start_ns + u64::from(self.cfg.rate_window_ms) * 1_000_000;
+        let u = self.last_update_ns + u64::from(self.cfg.update_ms) * 1_000_000;
+        w.min(u)
+    }
+
+    /// Advances the clock to `now_ns` with the VM's packet totals `(n_s, n_r)` (guest→host,
+    /// host→guest, since any fixed origin). Closes a rate window and/or an update interval when
+    /// they are due; an interval that spanned idle time counts as one sample. Returns true if
+    /// the delays may have changed.
+    pub fn tick(&mut self, now_ns: u64, totals: (u64, u64)) -> bool {
+        let mut changed = false;
+        let window_ns = u64::from(self.cfg.rate_window_ms) * 1_000_000;
+        let elapsed = now_ns.saturating_sub(self.window_start_ns);
+        if elapsed >= window_ns {
+            let sent = totals.0.saturating_sub(self.window_counts.0);
+            let recv = totals.1.saturating_sub(self.window_counts.1);
+            let pps = |n: u64| (u128::from(n) * 1_000_000_000 / u128::from(elapsed.max(1))) as u64;
+            self.rates = (pps(sent), pps(recv));
+            let packets = sent + recv;
+            // packets / elapsed ≥ floor / 1 s, in integers.
+            let active = u128::from(packets) * 1_000_000_000
+                >= u128::from(self.cfg.rate_floor_pps) * u128::from(elapsed);
+            if !active {
+                self.floor_windows += 1;
+            }
+            changed |= active != self.active;
+            self.active = active;
+            self.window_start_ns = now_ns;
+            self.window_counts = totals;
+        }
+        let update_ns = u64::from(self.cfg.update_ms) * 1_000_000;
+        if now_ns.saturating_sub(self.last_update_ns) >= update_ns {
+            let n_s = totals.0.saturating_sub(self.last_update_counts.0);
+            let n_r = totals.1.saturating_sub(self.last_update_counts.1);
+            let p_s = n_s as f64 / (n_s + n_r + 1) as f64;
+            self.p_star = self.cfg.alpha * self.p_star + (1.0 - self.cfg.alpha) * p_s;
+            self.last_update_ns = now_ns;
+            self.last_update_counts = totals;
+            self.updates += 1;
+            changed = true;
+        }
+        changed
+    }
+
+    /// The RX safety valve for a batch (see [`rx_valve`]).
+    pub fn rx_valve(&self, pending: u32, free: u16, size: u16) -> Option<Valve> {
+        rx_valve(&self.cfg, pending, free, size)
+    }
+
+    /// A snapshot for stats and replies.
+    pub fn view(&self) -> PolicyView {
+        let (r, s) = self.configured_us();
+        PolicyView {
+            config: self.cfg,
+            guest: self.guest,
+            t_us: self.t_us(),
+            send_ratio: self.p_star,
+            rx_delay_us: r,
+            tx_delay_us: s,
+            active: self.active,
+            tx_pps: self.rates.0,
+            rx_pps: self.rates.1,
+            updates: self.updates,
+            floor_windows: self.floor_windows,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// A fake clock and traffic generator driving a policy.
+    struct Sim {
+        now: u64,
+        sent: u64,
+        recv: u64,
+        p: Policy,
+    }
+
+    impl Sim {
+        fn new(cfg: PolicyConfig) -> Sim {
+            Sim {
+                now: 1_000 * MS,
+                sent: 0,
+                recv: 0,
+                p: Policy::new(cfg, 1_000 * MS, (0, 0)),
+            }
+        }
+
+        /// Runs `ms` milliseconds of traffic at `s` + `r` packets per ms, ticking every ms.
+        fn run(&mut self, ms: u64, s: u64, r: u64) {
+            for _ in 0..ms {
+                self.now += MS;
+                self.sent += s;
+                self.recv += r;
+                self.p.tick(self.now, (self.sent, self.recv));
+            }
+        }
+    }
+
+    fn cfg(mode: ModeKind, budget_us: u32) -> PolicyConfig {
+        PolicyConfig {
+            mode,
+            budget_us,
+            update_ms: 100,
+            ..PolicyConfig::default()
+        }
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        let m: ModeSpec = "adaptive:1000".parse().unwrap();
+        assert_eq!(m.kind, ModeKind::Adaptive);
+        assert_eq!(m.budget_us, Some(1000));
+        assert_eq!(m.to_string(), "adaptive:1000");
+        assert_eq!("off".parse::<ModeSpec>().unwrap().kind, ModeKind::Off);
+        assert_eq!("fixed".parse::<ModeSpec>().unwrap().budget_us, None);
+        for bad in [
+            "",
+            "on",
+            "off:5",
+            "fixed:",
+            "fixed:0",
+            "adaptive:x",
+            "adaptive:100001",
+        ] {
+            assert!(bad.parse::<ModeSpec>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn budget_resolution() {
+        let m = |s: &str| s.parse::<ModeSpec>().unwrap();
+        assert_eq!(
+            resolve_budget(m("adaptive"), None),
+            Ok((ModeKind::Adaptive, DEFAULT_BUDGET_US))
+        );
+        assert_eq!(
+            resolve_budget(m("fixed"), Some(250)),
+            Ok((ModeKind::Fixed, 250))
+        );
+        assert_eq!(
+            resolve_budget(m("adaptive:1000"), Some(1000)),
+            Ok((ModeKind::Adaptive, 1000))
+        );
+        assert!(matches!(
+            resolve_budget(m("adaptive:1000"), Some(500)),
+            Err(PolicyError::ConflictingBudget { .. })
+        ));
+        assert_eq!(
+            resolve_budget(m("off"), Some(0)),
+            Err(PolicyError::BadBudget(0))
+        );
+    }
+
+    #[test]
+    fn config_ranges() {
+        assert!(PolicyConfig::default().validate().is_ok());
+        for c in [
+            PolicyConfig {
+                alpha: 1.0,
+                ..Default::default()
+            },
+            PolicyConfig {
+                alpha: -0.1,
+                ..Default::default()
+            },
+            PolicyConfig {
+                update_ms: 5,
+                ..Default::default()
+            },
+        ] {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn ewma_converges_to_the_send_share() {
+        let mut s = Sim::new(cfg(ModeKind::Adaptive, 1000));
+        // 3 sent per 1 received: p_s = 0.75 (minus the +1 in the denominator).
+        s.run(3000, 30, 10);
+        let p = s.p.send_ratio();
+        assert!((p - 0.75).abs() < 0.01, "p* = {p}");
+        let (r, t) = s.p.configured_us();
+        assert!((245..=255).contains(&r), "b_r {r}");
+        assert!((745..=755).contains(&t), "b_s {t}");
+        // Traffic turns around: p* follows within a handful of intervals, smoothly.
+        s.run(100, 10, 30);
+        let one = s.p.send_ratio();
+        // One interval moves p* by (1-α) of the distance: 0.75 → 0.75·0.75 + 0.25·0.25 = 0.625.
+        assert!((one - 0.625).abs() < 0.01, "after one interval p* = {one}");
+        s.run(2000, 10, 30);
+        assert!((s.p.send_ratio() - 0.25).abs() < 0.01);
+    }
+
+    #[test]
+    fn the_update_is_the_recursive_ewma() {
+        let mut p = Policy::new(cfg(ModeKind::Adaptive, 1000), 0, (0, 0));
+        p.tick(0, (0, 0));
+        // One interval all sends: p_s = 99/100.
+        p.tick(100 * MS, (99, 0));
+        let expect = 0.75 * 0.5 + 0.25 * (99.0 / 100.0);
+        assert!((p.send_ratio() - expect).abs() < 1e-9);
+        // Next interval all receives: the first sample still weighs in (not a two-tap filter).
+        p.tick(200 * MS, (99, 99));
+        let expect2 = 0.75 * expect + 0.25 * 0.0;
+        assert!((p.send_ratio() - expect2).abs() < 1e-9);
+    }
+
+    #[test]
+    fn delays_follow_budget_and_guest_within_one_interval() {
+        let mut s = Sim::new(cfg(ModeKind::Adaptive, 1000));
+        s.run(2000, 10, 10);
+        let d = s.p.delays();
+        assert!(d.rx_ns > 400_000 && d.tx_ns > 400_000, "{d:?}");
+        assert_eq!(d.rx_ns + d.tx_ns, 1_000_000);
+        // The operator lowers the budget: effective at once.
+        s.p.set_operator(ModeKind::Adaptive, 200);
+        assert_eq!(s.p.delays().rx_ns + s.p.delays().tx_ns, 200_000);
+        // The guest asks for less.
+        s.p.set_operator(ModeKind::Adaptive, 1000);
+        let clamped = s.p.set_guest(GuestPrefs {
+            max_rtt_us: 100,
+            ..Default::default()
+        });
+        assert!(!clamped);
+        assert_eq!(s.p.t_us(), 100);
+        // ... and for more: clamped to the budget.
+        assert!(s.p.set_guest(GuestPrefs {
+            max_rtt_us: 5000,
+            ..Default::default()
+        }));
+        assert_eq!(s.p.t_us(), 1000);
+        // A split share below the minimum delay is not applied.
+        s.p.set_guest(GuestPrefs {
+            max_rtt_us: 60,
+            ..Default::default()
+        });
+        assert_eq!(s.p.delays(), Delays::default());
+        // RX only, fixed split.
+        s.p.set_guest(GuestPrefs {
+            tx: false,
+            adaptive: false,
+            max_rtt_us: 300,
+            ..Default::default()
+        });
+        assert_eq!(
+            s.p.delays(),
+            Delays {
+                rx_ns: 300_000,
+                tx_ns: 0
+            }
+        );
+        // Everything off.
+        s.p.set_guest(GuestPrefs {
+            rx: false,
+            tx: false,
+            adaptive: false,
+            max_rtt_us: 0,
+        });
+        assert_eq!(s.p.delays(), Delays::default());
+        assert_eq!(s.p.t_us(), 0);
+        s.p.reset_guest();
+        assert_eq!(s.p.t_us(), 1000);
+    }
+
+    #[test]
+    fn fixed_and_off() {
+        let mut s = Sim::new(cfg(ModeKind::Fixed, 250));
+        s.run(500, 50, 5);
+        assert_eq!(
+            s.p.delays(),
+            Delays {
+                rx_ns: 250_000,
+                tx_ns: 250_000
+            }
+        );
+        s.p.set_operator(ModeKind::Off, 250);
+        assert_eq!(s.p.delays(), Delays::default());
+        // With the operator's batching off, any buffering a guest asks for is clamped to 0.
+        assert!(s.p.set_guest(GuestPrefs {
+            max_rtt_us: 10,
+            ..Default::default()
+        }));
+        assert!(!s.p.set_guest(GuestPrefs {
+            rx: false,
+            tx: false,
+            adaptive: false,
+            max_rtt_us: 0
+        }));
+    }
+
+    #[test]
+    fn rate_floor_holds_delays_at_zero_and_releases() {
+        let mut s = Sim::new(cfg(ModeKind::Fixed, 500));
+        // 999 packets/s: below the 1000 pps floor.
+        for _ in 0..20 {
+            s.now += 100 * MS;
+            s.sent += 99;
+            s.p.tick(s.now, (s.sent, s.recv));
+            assert_eq!(s.p.delays(), Delays::default());
+        }
+        assert_eq!(s.p.view().floor_windows, 20);
+        // 4 packets/ms = 4000 pps: active after one window.
+        s.run(100, 2, 2);
+        assert_eq!(s.p.delays().rx_ns, 500_000);
+        assert!(s.p.view().active);
+        // Traffic stops; the next tick after a long idle gap sees the low rate.
+        s.now += 10_000 * MS;
+        s.p.tick(s.now, (s.sent, s.recv));
+        assert_eq!(s.p.delays(), Delays::default());
+        // Exactly at the floor counts as active.
+        s.now += 100 * MS;
+        s.sent += 100;
+        s.p.tick(s.now, (s.sent, s.recv));
+        assert!(s.p.view().active);
+    }
+
+    #[test]
+    fn a_direction_too_slow_to_fill_a_period_is_not_delayed() {
+        let mut s = Sim::new(cfg(ModeKind::Fixed, 500));
+        // 10 sent and 1 received per ms: 500 µs holds 5 sent but only 0.5 received packets.
+        s.run(300, 10, 1);
+        let d = s.p.delays();
+        assert_eq!((d.rx_ns, d.tx_ns), (0, 500_000), "{:?}", s.p.view());
+        s.run(300, 10, 2);
+        assert_eq!(s.p.delays().rx_ns, 500_000);
+    }
+
+    #[test]
+    fn rx_valves_fire_when_they_should_and_not_otherwise() {
+        let p = Policy::new(cfg(ModeKind::Adaptive, 1000), 0, (0, 0));
+        assert_eq!(p.rx_valve(1, 256, 256), None);
+        assert_eq!(p.rx_valve(63, 64, 256), None);
+        assert_eq!(p.rx_valve(64, 256, 256), Some(Valve::FrameCap));
+        assert_eq!(p.rx_valve(1, 63, 256), Some(Valve::LowWater));
+        assert_eq!(p.rx_valve(1, 0, 256), Some(Valve::LowWater));
+    }
+
+    #[test]
+    fn used_event_valve() {
+        // Normal re-enable: used_event = first new entry → defer.
+        assert!(!used_event_asks(10, 10, 15));
+        // Delayed callback at 12, batch 10..15 reached it → flush.
+        assert!(used_event_asks(12, 10, 15));
+        // Not reached yet.
+        assert!(!used_event_asks(20, 10, 15));
+        assert!(!used_event_asks(15, 10, 15));
+        // Already passed (the guest lags): the normal deferred path handles it.
+        assert!(!used_event_asks(5, 10, 15));
+        // Wrapping.
+        assert!(used_event_asks(2, 65534, 5));
+        assert!(!used_event_asks(65534, 65534, 5));
+    }
+}
