@@ -176,6 +176,10 @@ pub struct VmConfig {
     /// EWMA update interval in ms (default 5000).
     #[serde(default)]
     pub update_ms: Option<u32>,
+    /// Packet rate (both directions, per second) below which nothing is delayed (default
+    /// 1000; 0 delays at any rate, for tests and experiments).
+    #[serde(default)]
+    pub rate_floor_pps: Option<u32>,
 }
 
 fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ModeSpec>, D::Error> {
@@ -201,6 +205,7 @@ impl VmConfig {
             budget_us: None,
             alpha: None,
             update_ms: None,
+            rate_floor_pps: None,
         }
     }
 
@@ -221,6 +226,7 @@ impl VmConfig {
             budget_us,
             alpha: self.alpha.unwrap_or(d.alpha),
             update_ms: self.update_ms.unwrap_or(d.update_ms),
+            rate_floor_pps: self.rate_floor_pps.unwrap_or(d.rate_floor_pps),
             ..d
         };
         cfg.validate().map_err(err)?;

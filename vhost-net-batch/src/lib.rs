@@ -15,6 +15,7 @@ pub mod control;
 pub mod datapath;
 pub mod device;
 pub mod metrics;
+pub mod ops;
 pub mod policy;
 pub mod server;
 pub mod shim;

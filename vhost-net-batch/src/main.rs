@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use vhost_net_batch::config::{validate_all, FileConfig, MacAddr, VmConfig};
+use vhost_net_batch::ops::{request, serve_control, serve_metrics, Request, Vms};
 use vhost_net_batch::policy::PolicyError;
 use vhost_net_batch::server::{remove_private_dir, VmSlot};
 
@@ -24,12 +25,55 @@ struct Cli {
 enum Cmd {
     /// Serve one VM (flags) or many (--config FILE) over vhost-user sockets.
     Serve(ServeArgs),
+    /// Talk to a running daemon's control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The daemon's control socket (serve --control PATH).
+    #[arg(long)]
+    control: PathBuf,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// The VMs and their batching settings.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A VM's counters and policy state.
+    Stats {
+        /// VM name.
+        vm: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a VM's batching mode and/or budget while it runs.
+    Set {
+        /// VM name.
+        vm: String,
+        /// off, fixed:US or adaptive:US.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Buffer budget in µs.
+        #[arg(long)]
+        budget_us: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
 struct ServeArgs {
     /// TOML file with [[vm]] tables (name, socket, tap, queues, mac).
-    #[arg(long, conflicts_with_all = ["vm", "socket", "tap", "queues", "mac", "mode", "budget_us", "alpha", "update_ms"])]
+    #[arg(long, conflicts_with_all = ["vm", "socket", "tap", "queues", "mac", "mode", "budget_us", "alpha", "update_ms", "rate_floor_pps"])]
     config: Option<PathBuf>,
     /// VM name (logs, metrics).
     #[arg(long)]
@@ -58,6 +102,15 @@ struct ServeArgs {
     /// EWMA update interval in ms (default 5000).
     #[arg(long)]
     update_ms: Option<u32>,
+    /// Packet rate below which nothing is delayed (default 1000; 0 = always delay).
+    #[arg(long)]
+    rate_floor_pps: Option<u32>,
+    /// Control socket for `vhost-net-batch ctl` (created mode 0600).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9900), path /metrics.
+    #[arg(long)]
+    metrics_addr: Option<String>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, default_value = "info", env = "VNB_LOG")]
     log: String,
@@ -82,6 +135,7 @@ fn vms_from(args: &ServeArgs) -> Result<Vec<VmConfig>, String> {
     vm.budget_us = args.budget_us;
     vm.alpha = args.alpha;
     vm.update_ms = args.update_ms;
+    vm.rate_floor_pps = args.rate_floor_pps;
     let vms = vec![vm];
     validate_all(&vms).map_err(|e| e.to_string())?;
     Ok(vms)
@@ -101,6 +155,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         signal_hook::consts::SIGTERM,
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let vms = Vms(slots.clone());
+    if let Some(path) = &args.control {
+        serve_control(path, vms.clone())
+            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    }
+    if let Some(addr) = &args.metrics_addr {
+        serve_metrics(addr, vms.clone())?;
+    }
+    let control_path = args.control.clone();
     let for_signals = slots.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -109,6 +172,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 tracing::info!(signal = sig, "shutting down");
                 for s in &for_signals {
                     s.remove_socket();
+                }
+                if let Some(p) = &control_path {
+                    let _ = std::fs::remove_file(p);
                 }
                 remove_private_dir();
                 std::process::exit(0);
@@ -130,9 +196,108 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn print_stats(v: &serde_json::Value) {
+    let p = &v["policy"];
+    let t = &v["total"];
+    println!(
+        "{}: mode {} budget {} µs, T {} µs, rx delay {} µs, tx delay {} µs, send ratio {:.3}, {}",
+        v["vm"].as_str().unwrap_or("?"),
+        v["mode"].as_str().unwrap_or("?"),
+        v["budget_us"],
+        p["t_us"],
+        p["rx_delay_us"],
+        p["tx_delay_us"],
+        p["send_ratio"].as_f64().unwrap_or(0.0),
+        if p["active"] == serde_json::json!(true) {
+            "active"
+        } else {
+            "below the rate floor"
+        }
+    );
+    for k in [
+        "tx_packets",
+        "rx_packets",
+        "tx_kicks",
+        "rx_interrupts",
+        "tx_interrupts",
+        "rx_timer_fires",
+        "tx_timer_fires",
+        "rx_flush_frame_cap",
+        "rx_flush_low_water",
+        "flush_used_event",
+        "tx_flush_frame_cap",
+        "control_frames",
+    ] {
+        println!("  {k:<20} {}", t[k]);
+    }
+    let c = &v["control"];
+    println!(
+        "  control: accepted {} clamped {} invalid {} rate-limited {} dropped {} from-tap {}",
+        c["accepted"], c["clamped"], c["invalid"], c["rate_limited"], c["dropped"], c["from_tap"]
+    );
+}
+
+fn ctl(args: CtlArgs) -> Result<(), String> {
+    let (req, json) = match args.cmd {
+        CtlCmd::List { json } => (Request::List, json),
+        CtlCmd::Stats { vm, json } => (Request::Stats { vm }, json),
+        CtlCmd::Set {
+            vm,
+            mode,
+            budget_us,
+            json,
+        } => {
+            if mode.is_none() && budget_us.is_none() {
+                return Err("set: give --mode and/or --budget-us".into());
+            }
+            if let Some(m) = &mode {
+                m.parse::<vhost_net_batch::policy::ModeSpec>()
+                    .map_err(|e| e.to_string())?;
+            }
+            (
+                Request::Set {
+                    vm,
+                    mode,
+                    budget_us,
+                },
+                json,
+            )
+        }
+    };
+    let list = matches!(req, Request::List);
+    let v = request(&args.control, &req)?;
+    if json {
+        println!("{v}");
+    } else if list {
+        for vm in v["vms"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} mode {:<8} budget {:>6} µs  T {:>6} µs  rx {:>6} µs  tx {:>6} µs  p* {:.3}  tap {}",
+                vm["vm"].as_str().unwrap_or("?"),
+                vm["mode"].as_str().unwrap_or("?"),
+                vm["budget_us"],
+                vm["t_us"],
+                vm["rx_delay_us"],
+                vm["tx_delay_us"],
+                vm["send_ratio"].as_f64().unwrap_or(0.0),
+                vm["tap"].as_str().unwrap_or("?"),
+            );
+        }
+    } else {
+        print_stats(&v);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Ctl(args) => match ctl(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Serve(args) => {
             let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -166,7 +166,8 @@ pub struct PolicyConfig {
     pub frame_cap: u16,
     /// Flush at once when fewer free RX buffers than this share of the ring remain, percent.
     pub rx_low_water_pct: u8,
-    /// Below this many packets per second (both directions) nothing is delayed.
+    /// Below this many packets per second (both directions) nothing is delayed; 0 turns the
+    /// floor and the per-direction "one packet per period" condition off.
     pub rate_floor_pps: u32,
     /// Window over which the packet rate is measured for the floor, ms.
     pub rate_window_ms: u32,
@@ -333,7 +334,7 @@ impl Policy {
             window_start_ns: now_ns,
             window_counts: totals,
             rates: (0, 0),
-            active: false,
+            active: cfg.rate_floor_pps == 0,
             updates: 0,
             floor_windows: 0,
         }
@@ -416,7 +417,9 @@ impl Policy {
             return Delays::default();
         }
         let (r, s) = self.configured_us();
-        let worth = |us: u32, pps: u64| u64::from(us) * pps >= 1_000_000;
+        // A floor of 0 turns both rate conditions off.
+        let floor = self.cfg.rate_floor_pps > 0;
+        let worth = |us: u32, pps: u64| !floor || u64::from(us) * pps >= 1_000_000;
         Delays {
             rx_ns: if worth(r, self.rates.1) {
                 u64::from(r) * 1000

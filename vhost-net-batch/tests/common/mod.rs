@@ -92,7 +92,12 @@ pub fn start_slot(name: &str, tap: &str, sock: &std::path::Path) -> Arc<VmSlot> 
 
 /// As [`start_slot`] with `queues` queue pairs.
 pub fn start_slot_mq(name: &str, tap: &str, sock: &std::path::Path, queues: u16) -> Arc<VmSlot> {
-    let cfg = VmConfig::new(name, sock, tap, queues, None);
+    start_slot_cfg(VmConfig::new(name, sock, tap, queues, None))
+}
+
+/// Opens a VM slot from a full configuration and serves it on a thread.
+pub fn start_slot_cfg(cfg: VmConfig) -> Arc<VmSlot> {
+    let name = cfg.name.clone();
     let slot = Arc::new(VmSlot::open(cfg).unwrap_or_else(|e| panic!("open VM slot {name}: {e}")));
     let s = slot.clone();
     std::thread::spawn(move || s.serve_forever());
@@ -247,6 +252,27 @@ impl<'a> Guest<'a> {
             .add_desc_chains(&[desc(addr, buf.len() as u32, 0, 0)], i)
             .unwrap();
         self.kick[1].write(1).unwrap();
+    }
+
+    /// As [`Guest::send`] without the kick (the device asked for none).
+    pub fn send_nokick(&self, i: u16, frame: &[u8]) {
+        let addr = BUF + 0x1_0000 * i as u64;
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(frame);
+        self.mem.write_slice(&buf, GuestAddress(addr)).unwrap();
+        self.tx
+            .add_desc_chains(&[desc(addr, buf.len() as u32, 0, 0)], i)
+            .unwrap();
+    }
+
+    /// The `flags` field of queue `q`'s used ring (bit 0: the device wants no kicks).
+    pub fn used_flags(&self, q: usize) -> u16 {
+        let base = if q == 0 {
+            self.rx.used_addr()
+        } else {
+            self.tx.used_addr()
+        };
+        self.mem.read_obj(base).unwrap()
     }
 
     /// Posts `n` RX buffers of `len` bytes starting at descriptor `first` and kicks.

@@ -1,0 +1,307 @@
+//! The batching mechanism in the real queue workers: the `vhost` crate's `Frontend` drives the
+//! device over its socket, rings are `virtio_queue::mock` rings in memfd guest memory, frames go
+//! through a real tap in a private netns. Delays are long (100 ms) so the assertions are about
+//! what happens, never about how fast; the operator interfaces (control socket, metrics) are
+//! exercised on the same device.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vhost::vhost_user::Frontend;
+use vhost_net_batch::config::VmConfig;
+use vhost_net_batch::ops::{render_metrics, request, serve_control, Request, Vms};
+
+const T: Duration = Duration::from_secs(5);
+
+fn cfg(name: &str, tap: &str, sock: &Path, mode: &str) -> VmConfig {
+    let mut c = VmConfig::new(name, sock, tap, 1, None);
+    c.mode = Some(mode.parse().unwrap());
+    c.rate_floor_pps = Some(0);
+    c
+}
+
+/// Sends `n` frames into the tap and waits until the guest's RX ring holds `n` of them.
+fn tap_to_guest(g: &Guest, pkt: &PacketSocket, seq0: u8, n: usize) {
+    let frames: Vec<_> = (0..n)
+        .map(|k| test_frame(seq0.wrapping_add(k as u8), 100))
+        .collect();
+    let before = g.used(0).len();
+    for f in &frames {
+        pkt.send(f);
+    }
+    let end = Instant::now() + T;
+    loop {
+        let ours = g.used(0)[before..]
+            .iter()
+            .filter(|&&(id, len)| {
+                len as usize == 12 + 100
+                    && frames
+                        .iter()
+                        .any(|f| g.rx_buf(id as u16, len as usize)[12..] == f[..])
+            })
+            .count();
+        if ours >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {ours} of {n} frames reached the guest"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Loopback up, and no IPv6 on new interfaces: the kernel's own neighbour discovery frames
+/// would otherwise add completions (and interrupts) the assertions do not expect.
+fn quiet_netns() {
+    run_ok(std::process::Command::new("ip").args(["link", "set", "lo", "up"]));
+    run_ok(std::process::Command::new("sysctl").args([
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ]));
+}
+
+/// Interrupts signalled on queue `q` since the last call (the eventfd counter).
+fn calls(g: &Guest, q: usize) -> u64 {
+    g.call[q].read().unwrap_or(0)
+}
+
+#[test]
+fn rx_interrupts_are_deferred_coalesced_and_flushed_by_the_valves() {
+    let _ns = Netns::enter("bw");
+    quiet_netns();
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot_cfg(cfg("bw", "vnbbw0", &sock, "fixed:100000"));
+    let pkt = PacketSocket::bind("vnbbw0");
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
+    g.post_rx(0, 128, 2048);
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = calls(&g, 0);
+    let st = &slot.metrics().queues[0];
+    let fires0 = st.rx_timer_fires.load(Relaxed);
+
+    // 10 frames, then traffic stops: completed at once, one interrupt after the 100 ms timer
+    // for all of them, nothing left unsignalled.
+    tap_to_guest(&g, &pkt, 1, 10);
+    assert_eq!(
+        calls(&g, 0),
+        0,
+        "RX interrupt not deferred (the timer is 100 ms; the frames were just completed)"
+    );
+    let end = Instant::now() + T;
+    let n = loop {
+        let n = calls(&g, 0);
+        if n > 0 || Instant::now() > end {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(n, 1, "one coalesced interrupt for the batch");
+    assert!(st.rx_timer_fires.load(Relaxed) > fires0);
+    let hist = st.rx_batches.snapshot();
+    assert!(
+        hist.sum >= 10 && hist.buckets[..4].iter().sum::<u64>() < hist.count(),
+        "the batch of >= 10 packets is in the histogram: {hist:?}"
+    );
+
+    // 70 frames: the frame cap (64) flushes before the timer.
+    let cap0 = st.rx_flush_frame_cap.load(Relaxed);
+    tap_to_guest(&g, &pkt, 20, 70);
+    assert!(
+        st.rx_flush_frame_cap.load(Relaxed) > cap0,
+        "frame cap valve did not fire"
+    );
+    assert!(calls(&g, 0) >= 1, "frame-cap flush signalled");
+
+    // Few RX buffers left (< 25 % of the ring): the low-water valve flushes at once.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = calls(&g, 0);
+    let lw0 = st.rx_flush_low_water.load(Relaxed);
+    let free = 128 - g.used(0).len();
+    assert!(free * 100 < 256 * 25, "test set-up: {free} buffers left");
+    tap_to_guest(&g, &pkt, 100, 1);
+    assert!(
+        st.rx_flush_low_water.load(Relaxed) > lw0,
+        "low-water valve did not fire with {free} buffers left"
+    );
+    assert_eq!(calls(&g, 0), 1, "low-water flush signalled at once");
+}
+
+#[test]
+fn tx_kicks_are_held_the_ring_drained_on_the_timer_and_kicks_come_back_when_idle() {
+    let _ns = Netns::enter("bt");
+    quiet_netns();
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot_cfg(cfg("bt", "vnbbt0", &sock, "fixed:100000"));
+    let pkt = PacketSocket::bind("vnbbt0");
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
+    let st = &slot.metrics().queues[0];
+
+    // The first frame comes with a kick and goes out at once; then kicks are held.
+    std::thread::sleep(Duration::from_millis(100));
+    let kicks0 = st.tx_kicks.load(Relaxed);
+    let f0 = test_frame(1, 200);
+    g.send(0, &f0);
+    assert!(pkt.recv_matching(T, |b| b == f0.as_slice()).is_some());
+    assert_eq!(g.wait_used(1, 1, T).len(), 1);
+    assert_eq!(
+        g.used_flags(1) & 1,
+        1,
+        "VRING_USED_F_NO_NOTIFY set while buffering"
+    );
+
+    // The guest queues more without kicking (as a driver honouring NO_NOTIFY does). They are
+    // not sent at once but when the TX timer fires.
+    let frames: Vec<_> = (0..5).map(|k| test_frame(10 + k, 300)).collect();
+    for (k, f) in frames.iter().enumerate() {
+        g.send_nokick(1 + k as u16, f);
+    }
+    let fires0 = st.tx_timer_fires.load(Relaxed);
+    for f in &frames {
+        assert!(
+            pkt.recv_matching(T, |b| b == f.as_slice()).is_some(),
+            "a frame queued without a kick was never drained"
+        );
+    }
+    assert_eq!(g.wait_used(1, 6, T).len(), 6);
+    assert!(
+        st.tx_timer_fires.load(Relaxed) > fires0,
+        "drained by the timer"
+    );
+    assert_eq!(
+        st.tx_kicks.load(Relaxed) - kicks0,
+        1,
+        "one kick for six frames"
+    );
+    let tx_hist = st.tx_batches.snapshot();
+    assert!(tx_hist.sum >= 6, "{tx_hist:?}");
+
+    // The ring stays idle: kicks come back, and the completions were all signalled.
+    let end = Instant::now() + T;
+    while g.used_flags(1) & 1 != 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(g.used_flags(1) & 1, 0, "kicks re-enabled on an idle ring");
+    assert!(calls(&g, 1) >= 1, "TX completions signalled");
+
+    // Operator switches the VM off at run time: the next frame goes out on its kick, with
+    // no hold afterwards.
+    let ctl = dir.join("ctl.sock");
+    serve_control(&ctl, Vms(vec![slot.clone()])).unwrap();
+    let r = request(
+        &ctl,
+        &Request::Set {
+            vm: "bt".into(),
+            mode: Some("off".into()),
+            budget_us: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(r["mode"], "off", "{r}");
+    let f = test_frame(40, 100);
+    g.send(6, &f);
+    assert!(pkt.recv_matching(T, |b| b == f.as_slice()).is_some());
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(g.used_flags(1) & 1, 0, "no hold in mode off");
+}
+
+#[test]
+fn control_socket_and_metrics_report_and_reject() {
+    let _ns = Netns::enter("bm");
+    quiet_netns();
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot_cfg(cfg("bm", "vnbbm0", &sock, "adaptive:800"));
+    let ctl = dir.join("ctl.sock");
+    let vms = Vms(vec![slot.clone()]);
+    serve_control(&ctl, vms.clone()).unwrap();
+    let mode = std::fs::metadata(&ctl).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    let list = request(&ctl, &Request::List).unwrap();
+    assert_eq!(list["vms"][0]["vm"], "bm");
+    assert_eq!(list["vms"][0]["budget_us"], 800);
+    let st = request(&ctl, &Request::Stats { vm: "bm".into() }).unwrap();
+    assert_eq!(st["mode"], "adaptive");
+    assert!(st["total"]["tx_kicks"].is_u64());
+    // Errors change nothing.
+    for bad in [
+        Request::Stats { vm: "nope".into() },
+        Request::Set {
+            vm: "bm".into(),
+            mode: Some("turbo".into()),
+            budget_us: None,
+        },
+        Request::Set {
+            vm: "bm".into(),
+            mode: Some("fixed:100".into()),
+            budget_us: Some(200),
+        },
+        Request::Set {
+            vm: "bm".into(),
+            mode: None,
+            budget_us: Some(0),
+        },
+    ] {
+        assert!(request(&ctl, &bad).is_err(), "{bad:?} accepted");
+    }
+    assert_eq!(slot.batching().view().config.budget_us, 800);
+    // Budget only: the mode is kept.
+    let r = request(
+        &ctl,
+        &Request::Set {
+            vm: "bm".into(),
+            mode: None,
+            budget_us: Some(300),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (r["mode"].as_str(), r["budget_us"].as_u64()),
+        (Some("adaptive"), Some(300))
+    );
+
+    let text = render_metrics(&vms);
+    for want in [
+        "# TYPE vnb_tx_kicks counter",
+        "vnb_tx_kicks_total{vm=\"bm\",queue=\"0\"} 0",
+        "# TYPE vnb_rx_batch_packets histogram",
+        "vnb_rx_batch_packets_bucket{le=\"+Inf\",vm=\"bm\",queue=\"0\"}",
+        "vnb_budget_us{vm=\"bm\"} 300",
+        "vnb_mode{vm=\"bm\"} 2",
+        "vnb_control_invalid_total{vm=\"bm\"} 0",
+        "vnb_rx_timer_fires_total",
+        "vnb_rx_flush_low_water_total",
+    ] {
+        assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
+    }
+
+    // Over HTTP on the namespace's loopback.
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    vhost_net_batch::ops::serve_metrics(&addr, vms).unwrap();
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    assert!(
+        body.contains("vnb_tx_packets_total{vm=\"bm\",queue=\"0\"}"),
+        "{body}"
+    );
+}
