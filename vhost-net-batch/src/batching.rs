@@ -29,6 +29,7 @@ pub struct VmBatching {
     tx_ns: AtomicU64,
     next_tick_ns: AtomicU64,
     energy: Mutex<Option<EnergySource>>,
+    energy_kind: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for VmBatching {
@@ -62,6 +63,7 @@ impl VmBatching {
             rx_ns: AtomicU64::new(0),
             tx_ns: AtomicU64::new(0),
             energy: Mutex::new(None),
+            energy_kind: Mutex::new(None),
         };
         b.publish(&b.inner.lock().unwrap().policy);
         b
@@ -127,9 +129,16 @@ impl VmBatching {
         }
     }
 
-    /// Installs the source of the VM's energy figure (power sampling on).
-    pub fn set_energy_source(&self, f: EnergySource) {
+    /// Installs the source of the VM's energy figure (power sampling on); `kind` says whether
+    /// it is a `measurement` or an `estimate`, and goes wherever the figure goes.
+    pub fn set_energy_source(&self, f: EnergySource, kind: &str) {
         *self.energy.lock().unwrap() = Some(f);
+        *self.energy_kind.lock().unwrap() = Some(kind.to_string());
+    }
+
+    /// `measurement` or `estimate` when power sampling is on.
+    pub fn energy_kind(&self) -> Option<String> {
+        self.energy_kind.lock().unwrap().clone()
     }
 
     /// The VM's energy since attach in µJ, if sampling is on.

@@ -108,6 +108,9 @@ const OUTBOX: usize = 4;
 /// stops, exit requests and other events are never starved by a frontend that keeps a ring full.
 pub const MAX_ROUNDS: usize = 4;
 
+/// Called once with the thread id of each worker thread (energy accounting).
+pub type ThreadHook = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// Per-queue-pair worker state, owned by that pair's thread.
 struct Worker {
     tap: TapFd,
@@ -133,6 +136,8 @@ struct Worker {
     tx_unsignalled: u32,
     /// When TX completions were last signalled.
     tx_last_signal_ns: u64,
+    /// The worker's thread was reported to the thread hook.
+    thread_seen: bool,
     /// Control replies waiting for an RX buffer.
     outbox: Vec<([u8; control_msg::MAX_FRAME_LEN], usize)>,
 }
@@ -159,6 +164,7 @@ pub struct NetDevice {
     workers: Vec<Mutex<Worker>>,
     acked: Mutex<(u64, HdrLayout)>,
     exit_fds: Mutex<Vec<RawFd>>,
+    thread_hook: Mutex<Option<ThreadHook>>,
 }
 
 impl NetDevice {
@@ -188,6 +194,7 @@ impl NetDevice {
                     tx_idle: 0,
                     tx_unsignalled: 0,
                     tx_last_signal_ns: 0,
+                    thread_seen: false,
                     outbox: Vec::with_capacity(OUTBOX),
                 }))
             })
@@ -202,6 +209,7 @@ impl NetDevice {
             workers,
             acked: Mutex::new((0, HdrLayout::default())),
             exit_fds: Mutex::new(Vec::new()),
+            thread_hook: Mutex::new(None),
         })
     }
 
@@ -214,6 +222,11 @@ impl NetDevice {
             (w.rx_timer.as_raw_fd(), rx_timer_event_id(self.queue_pairs)),
             (w.tx_timer.as_raw_fd(), tx_timer_event_id(self.queue_pairs)),
         ]
+    }
+
+    /// Sets the hook told about each worker thread on its first event.
+    pub fn set_thread_hook(&self, hook: Option<ThreadHook>) {
+        *self.thread_hook.lock().unwrap() = hook;
     }
 
     /// Features the frontend acked (0 before SET_FEATURES).
@@ -531,6 +544,13 @@ impl VhostUserBackend for NetDevice {
         let mut w = worker.lock().unwrap();
         if w.vrings.is_none() {
             w.vrings = Some([vrings[0].clone(), vrings[1].clone()]);
+        }
+        if !w.thread_seen {
+            w.thread_seen = true;
+            if let Some(h) = self.thread_hook.lock().unwrap().clone() {
+                // SAFETY: gettid has no preconditions.
+                h(unsafe { libc::gettid() } as u32);
+            }
         }
         let qp = self.queue_pairs;
         let wake = match device_event as u64 {

@@ -111,6 +111,14 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9900), path /metrics.
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Account energy per VM from this power source (auto, powercap, perf, msr, hwmon, ipmi,
+    /// estimate): shown in stats, metrics and the guest's control replies. Without RAPL, `auto`
+    /// falls back to the CPU-time estimate, labelled as such.
+    #[arg(long)]
+    power_source: Option<String>,
+    /// How often energy is apportioned to VMs, in ms.
+    #[arg(long, default_value_t = 1000)]
+    power_period_ms: u64,
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, default_value = "info", env = "VNB_LOG")]
     log: String,
@@ -141,12 +149,50 @@ fn vms_from(args: &ServeArgs) -> Result<Vec<VmConfig>, String> {
     Ok(vms)
 }
 
+/// Starts the power sampler and the per-VM energy meter.
+fn start_meter(kind: &str, period_ms: u64) -> Result<power::VmEnergyMeter, String> {
+    let kind: power::source::SourceKind = kind
+        .parse()
+        .map_err(|e: String| format!("--power-source: {e}"))?;
+    if period_ms == 0 {
+        return Err("--power-period-ms must be > 0".into());
+    }
+    let opts = power::source::SourceOptions::default();
+    let sources =
+        power::source::open_sources(&[kind], &opts).map_err(|e| format!("--power-source: {e}"))?;
+    let sampler = power::Sampler::start(
+        sources,
+        power::SamplerConfig::every(std::time::Duration::from_millis(100)),
+    )
+    .map_err(|e| format!("power sampler: {e}"))?;
+    let names: Vec<String> = sampler.sources().iter().map(|m| m.source.clone()).collect();
+    let kind = sampler.kind();
+    let meter = power::VmEnergyMeter::start(
+        sampler,
+        power::MeterConfig {
+            period: std::time::Duration::from_millis(period_ms),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("per-VM energy meter: {e}"))?;
+    tracing::info!(sources = ?names, %kind, base_watts = meter.handle().base_watts(), "per-VM energy accounting on");
+    Ok(meter)
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     let vms = vms_from(&args)?;
+    let meter = match &args.power_source {
+        Some(kind) => Some(start_meter(kind, args.power_period_ms)?),
+        None => None,
+    };
     // Open every VM first: a bad one stops the start-up, before anything serves.
     let mut slots = Vec::new();
     for vm in vms {
-        slots.push(Arc::new(VmSlot::open(vm).map_err(|e| e.to_string())?));
+        let mut slot = VmSlot::open(vm).map_err(|e| e.to_string())?;
+        if let Some(m) = &meter {
+            slot = slot.with_energy(m.handle());
+        }
+        slots.push(Arc::new(slot));
     }
     // SIGINT/SIGTERM: remove the sockets and internal files, then exit; taps we created vanish
     // with our descriptors.

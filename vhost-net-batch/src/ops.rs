@@ -81,6 +81,7 @@ impl Vms {
             "policy": view,
             "control": b.control_counts(),
             "energy_uj": b.energy_uj(),
+            "energy_kind": b.energy_kind(),
             "connections": m.connections.load(std::sync::atomic::Ordering::Relaxed),
             "total": m.total(),
             "queues": queues,
@@ -311,6 +312,7 @@ impl prometheus_client::collector::Collector for Collector {
                     s.batching().view(),
                     s.batching().control_counts(),
                     s.batching().energy_uj(),
+                    s.batching().energy_kind().unwrap_or_default(),
                 )
             })
             .collect();
@@ -352,7 +354,7 @@ impl prometheus_client::collector::Collector for Collector {
         ];
         for (name, help, f) in gauges {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (vm, v, _, _) in &views {
+            for (vm, v, _, _, _) in &views {
                 let l = [("vm", vm.as_str())];
                 ConstGauge::new(f(v)).encode(m.encode_family(&l)?)?;
             }
@@ -393,7 +395,7 @@ impl prometheus_client::collector::Collector for Collector {
         ];
         for (name, help, f) in counts {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (vm, _, c, _) in &views {
+            for (vm, _, c, _, _) in &views {
                 let l = [("vm", vm.as_str())];
                 ConstCounter::new(f(c)).encode(m.encode_family(&l)?)?;
             }
@@ -401,13 +403,13 @@ impl prometheus_client::collector::Collector for Collector {
         if views.iter().any(|v| v.3.is_some()) {
             let mut m = enc.encode_descriptor(
                 "vnb_energy_microjoules",
-                "Energy apportioned to the VM since attach (µJ; an estimate when RAPL is absent)",
+                "Energy apportioned to the VM since its frontend attached (µJ); kind=estimate when no power meter is present",
                 None,
                 MetricType::Counter,
             )?;
-            for (vm, _, _, e) in &views {
+            for (vm, _, _, e, kind) in &views {
                 if let Some(e) = e {
-                    let l = [("vm", vm.as_str())];
+                    let l = [("vm", vm.as_str()), ("kind", kind.as_str())];
                     ConstCounter::new(*e).encode(m.encode_family(&l)?)?;
                 }
             }

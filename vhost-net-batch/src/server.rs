@@ -80,6 +80,23 @@ pub enum ConnError {
     Shim(#[from] shim::ShimError),
 }
 
+/// The pid of the process on the other end of a Unix socket.
+fn peer_pid(s: &UnixStream) -> Option<u32> {
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes a ucred of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
 /// Binds `path` for listening, replacing a stale socket but never a live one or a non-socket.
 pub fn bind_socket(vm: &str, path: &Path) -> Result<UnixListener, ServeError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -146,6 +163,8 @@ pub struct VmSlot {
     listener: UnixListener,
     metrics: Arc<VmMetrics>,
     batching: Arc<VmBatching>,
+    energy: Option<power::vm::VmEnergyHandle>,
+    tasks: Arc<std::sync::Mutex<power::vm::VmTasks>>,
 }
 
 impl VmSlot {
@@ -169,6 +188,8 @@ impl VmSlot {
             listener,
             metrics,
             batching,
+            energy: None,
+            tasks: Default::default(),
         })
     }
 
@@ -187,6 +208,23 @@ impl VmSlot {
         &self.metrics
     }
 
+    /// Turns per-VM energy accounting on: the VM's QEMU process and the backend threads serving
+    /// it are charged from each connection on; the figure appears in stats, metrics and the
+    /// control replies' `energy_uj`.
+    pub fn with_energy(mut self, handle: power::vm::VmEnergyHandle) -> Self {
+        let name = self.cfg.name.clone();
+        let h = handle.clone();
+        self.batching.set_energy_source(
+            Box::new(move || {
+                let e = h.energy_uj(&name);
+                (e != u64::MAX).then_some(e)
+            }),
+            &handle.kind().to_string(),
+        );
+        self.energy = Some(handle);
+        self
+    }
+
     /// The VM's batching state.
     pub fn batching(&self) -> &Arc<VmBatching> {
         &self.batching
@@ -198,6 +236,7 @@ impl VmSlot {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     self.metrics.connections.fetch_add(1, Relaxed);
+                    self.charge_energy_to(&stream);
                     tracing::info!(vm = %self.cfg.name, "frontend connected");
                     match self.serve_connection(stream) {
                         Ok(()) => {
@@ -219,6 +258,31 @@ impl VmSlot {
         }
     }
 
+    /// Starts charging energy to this connection's frontend process (QEMU, by SO_PEERCRED) and
+    /// the VM's worker threads, from zero.
+    fn charge_energy_to(&self, stream: &UnixStream) {
+        let Some(h) = &self.energy else { return };
+        let mut tasks = power::vm::VmTasks::new();
+        if let Some(pid) = peer_pid(stream) {
+            tasks = tasks.with_process(pid);
+        }
+        h.unregister_vm(&self.cfg.name);
+        h.register_vm(&self.cfg.name, tasks.clone());
+        *self.tasks.lock().unwrap() = tasks;
+    }
+
+    /// A hook adding a worker thread serving this VM to its energy accounting.
+    fn thread_hook(&self) -> Option<crate::device::ThreadHook> {
+        let h = self.energy.clone()?;
+        let tasks = self.tasks.clone();
+        let name = self.cfg.name.clone();
+        Some(Arc::new(move |tid| {
+            let mut t = tasks.lock().unwrap();
+            *t = std::mem::take(&mut *t).with_thread(std::process::id(), tid);
+            h.set_tasks(&name, t.clone());
+        }))
+    }
+
     /// Serves one frontend connection until it closes. A fresh device (and vhost-user handler
     /// with its worker threads) per connection; all of it is gone when this returns.
     pub fn serve_connection(&self, frontend: UnixStream) -> Result<(), ConnError> {
@@ -231,6 +295,7 @@ impl VmSlot {
             self.batching.clone(),
         )?);
         self.batching.reset_guest();
+        device.set_thread_hook(self.thread_hook());
         let result = self.run_daemon(&device, mem, &frontend);
         // Every worker thread has been joined: the exit eventfds are ours to close.
         device.close_exit_consumers();
@@ -294,19 +359,7 @@ impl VmSlot {
         let _ = std::fs::remove_file(&path);
         let stream = accepted?;
         // Only this process may be on the other end.
-        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: SO_PEERCRED writes a ucred of `len` bytes.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 || cred.pid != std::process::id() as i32 {
+        if peer_pid(&stream) != Some(std::process::id()) {
             return Err(ConnError::Internal(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "unexpected peer on the internal handler socket",

@@ -100,6 +100,44 @@ fn bad_arguments_and_config_are_rejected() {
         ),
         "cannot read config file",
     );
+    let one = ["--vm", "a", "--socket", s, "--tap", "vnbc0"];
+    for (extra, needle) in [
+        (&["--mode", "turbo"][..], "unknown mode"),
+        (
+            &["--mode", "adaptive:1000", "--budget-us", "500"][..],
+            "give one of them",
+        ),
+        (&["--mode", "fixed:0"][..], "bad budget"),
+        (&["--alpha", "1.0"][..], "alpha"),
+        (&["--update-ms", "1"][..], "update interval"),
+        (&["--power-source", "bogus"][..], "unknown source"),
+    ] {
+        let mut args = one.to_vec();
+        args.extend_from_slice(extra);
+        assert_fails(&serve(&ns, &args), needle);
+    }
+    // ctl against a daemon that is not there, and bad ctl arguments.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .arg("ctl")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let nosock = dir.join("none.sock");
+    let ns_path = nosock.to_str().unwrap();
+    assert_fails(
+        &ctl(&["--control", ns_path, "list"]),
+        "cannot connect to the control socket",
+    );
+    assert_fails(
+        &ctl(&["--control", ns_path, "set", "a"]),
+        "--mode and/or --budget-us",
+    );
+    assert_fails(
+        &ctl(&["--control", ns_path, "set", "a", "--mode", "nope"]),
+        "unknown mode",
+    );
     // Nothing was created by the failed starts.
     assert!(!sock.exists());
     let links = run_ok(&mut ns.cmd(&["ip", "-br", "link"]));

@@ -4,78 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 use common::*;
-
-struct Guest {
-    agent: PathBuf,
-    qemu_pid: u32,
-}
-
-impl Guest {
-    fn boot(sock: &Path, dir: &Path, tag: &str, extra: &[&str]) -> Guest {
-        let agent = dir.join(format!("{tag}.agent"));
-        let _ = std::fs::remove_file(&agent);
-        let console = dir.join(format!("{tag}.console"));
-        let out = run_ok(
-            Command::new(repo().join("ci/qemu-run.sh"))
-                .args([
-                    "--vhost-user",
-                    sock.to_str().unwrap(),
-                    "--mac",
-                    "52:54:00:77:01:02",
-                ])
-                .args(["--ip", "10.77.1.2/24", "--agent", agent.to_str().unwrap()])
-                .args(["--console-log", console.to_str().unwrap()])
-                .args(extra),
-        );
-        let qemu_pid = out.trim().parse().expect("qemu-run prints the pid");
-        let g = Guest { agent, qemu_pid };
-        let t = Instant::now();
-        let st = Command::new(repo().join("ci/gexec.py"))
-            .args([g.agent.to_str().unwrap(), "--wait-ready", "180"])
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "guest did not come up; console:\n{}\nqemu stderr:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default(),
-            std::fs::read_to_string(console.with_extension("console.qemu-stderr"))
-                .unwrap_or_default()
-        );
-        println!("{tag}: guest ready in {:.1} s", t.elapsed().as_secs_f64());
-        g
-    }
-
-    fn exec(&self, cmd: &str) -> String {
-        run_ok(Command::new(repo().join("ci/gexec.py")).args([
-            self.agent.to_str().unwrap(),
-            "--timeout",
-            "120",
-            "--",
-            cmd,
-        ]))
-    }
-
-    fn quit(self) {
-        // SAFETY: signalling our own child QEMU.
-        unsafe { libc::kill(self.qemu_pid as i32, libc::SIGTERM) };
-        let end = Instant::now() + std::time::Duration::from_secs(20);
-        while Path::new(&format!("/proc/{}", self.qemu_pid)).exists() && Instant::now() < end {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        // SAFETY: as above; harmless if it already exited.
-        unsafe { libc::kill(self.qemu_pid as i32, libc::SIGKILL) };
-    }
-}
 
 fn iperf_mbps(json: &str) -> f64 {
     let v: serde_json::Value = serde_json::from_str(json).expect("iperf3 JSON");
@@ -134,7 +66,7 @@ fn qemu_guest_ping_iperf_http_and_reattach() {
         "10.77.1.1/24",
     ]));
 
-    let g = Guest::boot(&sock, &dir, "first", &[]);
+    let g = QemuGuest::boot(&sock, &dir, "first", "10.77.1.2/24", &[]);
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.77.1.2"]));
     let out = g.exec("ping -c 3 -W 5 10.77.1.1");
     assert!(
@@ -174,7 +106,13 @@ fn qemu_guest_ping_iperf_http_and_reattach() {
         Path::new(&format!("/proc/{}", backend.pid())).exists(),
         "backend died with its frontend"
     );
-    let g2 = Guest::boot(&sock, &dir, "second", &["--reconnect-ms", "1000"]);
+    let g2 = QemuGuest::boot(
+        &sock,
+        &dir,
+        "second",
+        "10.77.1.2/24",
+        &["--reconnect-ms", "1000"],
+    );
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", "10.77.1.2"]));
     let out = g2.exec("ping -c 2 -W 5 10.77.1.1");
     assert!(

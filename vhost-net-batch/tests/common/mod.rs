@@ -19,6 +19,10 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod qemu;
+#[allow(unused_imports)]
+pub use qemu::QemuGuest;
+
 /// Guest memory size.
 pub const MEM_SIZE: usize = 16 << 20;
 /// Queue size used by the tests.
