@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve one VM (flags) or many (--config FILE) over vhost-user sockets.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a running daemon's control socket.
     Ctl(CtlArgs),
 }
@@ -351,7 +351,7 @@ fn main() -> ExitCode {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .init();
-            match serve(args) {
+            match serve(*args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
