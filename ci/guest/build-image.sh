@@ -91,6 +91,21 @@ ethtool=$(command -v ethtool || true)
 if [ -z "$ethtool" ] && [ -x /usr/sbin/ethtool ]; then ethtool=/usr/sbin/ethtool; fi
 tbench=$(command -v tbench || true)
 tbench_srv=$(command -v tbench_srv || true)
+# The guest tools (vnb-guest, vnb-frame) as static executables: built here with their own target
+# directory, so a cargo run holding target/'s build lock (cargo test) does not block this one.
+command -v cargo >/dev/null || die "cargo not found (install Rust; the guest tools are built from guest-driver-patch/)"
+tools_dir=$repo/target/guest-tools
+(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" CARGO_TARGET_DIR="$tools_dir" \
+  cargo build --quiet --release --target x86_64-unknown-linux-gnu -p guest-driver-patch --bins >&2) ||
+  die "building the static guest tools (guest-driver-patch) failed"
+tools=()
+for t in vnb-guest vnb-frame; do
+  f=$tools_dir/x86_64-unknown-linux-gnu/release/$t
+  [ -x "$f" ] || die "guest tool $f missing after the build"
+  if ldd "$f" 2>&1 | grep -q "=>"; then die "guest tool $f is not statically linked"; fi
+  tools+=("$f")
+done
+
 extra=()
 for b in ${EXTRA_BINS:-}; do
   if [ ! -f "$b" ] || [ ! -x "$b" ]; then die "EXTRA_BINS: '$b' is not an executable file"; fi
@@ -101,7 +116,7 @@ stamp=$(
   {
     echo "kernel $kpkg $kver_pkg"
     (cd "$here" && find . -type f ! -name '*~' ! -name '.*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
-    for f in "$bb" "$iperf" $ethtool $tbench $tbench_srv; do sha256sum "$f"; done
+    for f in "$bb" "$iperf" $ethtool $tbench $tbench_srv "${tools[@]}"; do sha256sum "$f"; done
     echo "extra ${#extra[@]}"
     for f in ${extra[@]+"${extra[@]}"}; do sha256sum "$f"; done
   } | sha256sum | cut -c1-32
@@ -196,6 +211,7 @@ copy_with_libs() {
     done
 }
 copy_with_libs "$iperf" /usr/bin/iperf3
+for f in "${tools[@]}"; do cp "$f" "$root/usr/bin/"; done
 if [ -n "$ethtool" ]; then
   copy_with_libs "$ethtool" /usr/sbin/ethtool
 else

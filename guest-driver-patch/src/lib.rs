@@ -1,3 +1,10 @@
-//! What runs inside the guest: the static `vnb-guest` control tool (and later the Linux
-//! virtio_net patch). Placeholder: the tool is built with the batching issue, on the
-//! `control-msg` codec; until then this crate has nothing to test.
+//! What runs inside the guest: `vnb-guest`, which asks the device (vhost-net-batch) for a
+//! buffering limit with the in-band control frame of DESIGN.md §5 and prints the effective
+//! values, and `vnb-frame`, a raw frame sender used by the end-to-end tests to send malformed
+//! control frames. Both are built as static executables for the busybox guest image.
+//!
+//! - [`channel`]: an `AF_PACKET` socket on one interface, bound to the control EtherType;
+//! - [`format`]: human-readable and parse-friendly output of a reply.
+
+pub mod channel;
+pub mod format;
