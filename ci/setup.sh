@@ -25,7 +25,7 @@ SRC
 fi
 
 PKGS=(iperf3 busybox-static apache2-utils dpdk dpdk-dev iproute2 ethtool cpio kmod python3
-      zstd xz-utils iputils-ping procps socat dbench pkg-config)
+      zstd xz-utils iputils-ping procps socat dbench pkg-config libc6-dev g++)
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()
@@ -59,4 +59,10 @@ if ! mountpoint -q /dev/hugepages 2>/dev/null; then
   mount -t hugetlbfs nodev /dev/hugepages || true
 fi
 modprobe tun 2>/dev/null || true
+
+# cargo-fuzz for the control-message parser's bounded fuzz test (control-msg/tests).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked --version 0.13.2 ||
+    { echo "ci/setup.sh: cargo install cargo-fuzz failed (crates.io reachable?)" >&2; exit 1; }
+fi
 echo "setup: ok ($(qemu-system-x86_64 --version | head -1); hugepages $(cat /proc/sys/vm/nr_hugepages))"
