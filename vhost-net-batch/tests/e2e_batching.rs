@@ -135,6 +135,8 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
             "estimate",
             "--power-period-ms",
             "200",
+            "--metrics-addr",
+            "127.0.0.1:9977",
         ],
     );
     run_ok(Command::new(repo().join("ci/netns.sh")).args([
@@ -161,6 +163,20 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
         .unwrap_or_else(|| panic!("no energy figure in the reply: {out}"));
     assert!(e > 0, "{out}");
     assert_eq!(stats(&ctl_sock)["energy_kind"], "estimate");
+    // ... and the Prometheus endpoint (on the namespace's loopback) exports it, labelled.
+    let metrics = run_ok(&mut ns.cmd(&[
+        "python3",
+        "-c",
+        "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9977/metrics').read().decode())",
+    ]));
+    assert!(
+        metrics.contains("vnb_energy_microjoules_total{vm=\"vm\",kind=\"estimate\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vnb_control_accepted_total{vm=\"vm\"}"),
+        "{metrics}"
+    );
     let out = g.exec("vnb-guest --iface eth0 set --max-rtt-us 500");
     println!("vnb-guest set 500: {out}");
     assert_eq!(field(&out, "status"), Some("ok"), "{out}");
@@ -311,6 +327,35 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
                 mbps[1], mbps[0]
             ));
         }
+    }
+    // The operator's change takes effect while traffic runs: guest->host UDP in adaptive:1000,
+    // switched to off half-way; kicks per second jump.
+    ctl(&ctl_sock, &["set", "vm", "--mode", "adaptive:1000"]);
+    let mut args = vec!["iperf3", "-c", GUEST_IP, "-t", "6", "-R", "-J"];
+    args.extend_from_slice(&udp);
+    let child = ns.cmd(&args).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let k0 = kicks(&ctl_sock);
+    std::thread::sleep(Duration::from_secs(1));
+    let k1 = kicks(&ctl_sock);
+    let s = ctl(&ctl_sock, &["set", "vm", "--mode", "off"]);
+    assert_eq!(s["policy"]["tx_delay_us"], 0, "{s}");
+    std::thread::sleep(Duration::from_millis(200));
+    let k2 = kicks(&ctl_sock);
+    std::thread::sleep(Duration::from_secs(1));
+    let k3 = kicks(&ctl_sock);
+    assert!(child.wait_with_output().unwrap().status.success());
+    lines.push(format!(
+        "live switch adaptive:1000 -> off during guest->host UDP: {} -> {} kicks/s",
+        k1 - k0,
+        k3 - k2
+    ));
+    if (k3 - k2) < 5 * (k1 - k0).max(20) {
+        failures.push(format!(
+            "ctl set --mode off while traffic ran: kicks {} -> {} per second",
+            k1 - k0,
+            k3 - k2
+        ));
     }
     println!("{}", lines.join("\n"));
     let s = stats(&ctl_sock);
