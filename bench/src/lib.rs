@@ -1,3 +1,16 @@
-//! `vnb-bench`, the benchmark harness (iperf, HTTP, tbench, latency sweeps with power and
-//! reports). Placeholder: the harness is built by the benchmark issue; until then the workspace
-//! keeps the fixed top-level layout of DESIGN.md §2 and this crate has nothing to test.
+//! `vnb-bench`: runs workloads (iperf3 both ways, ab, tbench, request/response latency) against
+//! a fresh guest per configuration and repetition, over our backend in each batching mode and
+//! over QEMU's own virtio-net as a peer; records throughput, latency, notifications, CPU time,
+//! context switches and energy; writes a report.
+//!
+//! - [`stats`]: mean, standard deviation, min/median/max;
+//! - [`parse`]: iperf3 JSON, ab, ping and tbench output;
+//! - [`model`]: configurations, workloads and per-run results;
+//! - [`runner`]: the campaign (namespaces, backends, guests, workloads, teardown);
+//! - [`report`]: `report.md`, `results.csv`, `results.json`.
+
+pub mod model;
+pub mod parse;
+pub mod report;
+pub mod runner;
+pub mod stats;

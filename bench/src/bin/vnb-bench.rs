@@ -1,0 +1,172 @@
+//! `vnb-bench run …` runs a campaign and writes its report; `vnb-bench report DIR` rewrites the
+//! report from `DIR/results.json`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use bench::model::{Backend, Workload};
+use bench::report;
+use bench::runner::{run, RunOptions};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Parser)]
+#[command(
+    name = "vnb-bench",
+    version,
+    about = "Benchmark campaigns for vhost-net-batch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a campaign and write report.md, results.csv and results.json into --out.
+    Run(RunArgs),
+    /// Rewrite the report of a campaign directory from its results.json.
+    Report {
+        /// The campaign directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunArgs {
+    /// TOML plan with the same keys as the flags (workloads, modes, reps, duration, out,
+    /// power_source); flags given on the command line win.
+    #[arg(long)]
+    #[serde(skip)]
+    plan: Option<PathBuf>,
+    /// Workloads: iperf-tx, iperf-rx, http, tbench, rr.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    workloads: Vec<String>,
+    /// Configurations: off, fixed:US, adaptive:US (ours), qemu-tap, qemu-tap-txtimer (peers).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    modes: Vec<String>,
+    /// Repetitions (default 3).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Seconds per workload run (default 10).
+    #[arg(long)]
+    duration: Option<u32>,
+    /// Output directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Power source for watts and joules (default auto: RAPL if present, else the estimate).
+    #[arg(long)]
+    power_source: Option<String>,
+}
+
+fn repo() -> PathBuf {
+    std::env::var_os("VNB_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+fn vnb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VNB_BIN") {
+        return p.into();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("vhost-net-batch")))
+        .unwrap_or_else(|| "vhost-net-batch".into())
+}
+
+fn run_cmd(mut a: RunArgs) -> Result<(), String> {
+    if let Some(p) = &a.plan {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let plan: RunArgs = toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        if a.workloads.is_empty() {
+            a.workloads = plan.workloads;
+        }
+        if a.modes.is_empty() {
+            a.modes = plan.modes;
+        }
+        a.reps = a.reps.or(plan.reps);
+        a.duration = a.duration.or(plan.duration);
+        a.out = a.out.or(plan.out);
+        a.power_source = a.power_source.or(plan.power_source);
+    }
+    let workloads: Vec<Workload> = if a.workloads.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        a.workloads
+            .iter()
+            .map(|w| w.parse())
+            .collect::<Result<_, _>>()?
+    };
+    let configs: Vec<Backend> = if a.modes.is_empty() {
+        ["off", "adaptive:500", "adaptive:1000"]
+            .iter()
+            .map(|m| m.parse().unwrap())
+            .collect()
+    } else {
+        a.modes
+            .iter()
+            .map(|m| m.parse())
+            .collect::<Result<_, _>>()?
+    };
+    let reps = a.reps.unwrap_or(3);
+    let duration = a.duration.unwrap_or(10);
+    if reps == 0 || duration == 0 {
+        return Err("--reps and --duration must be at least 1".into());
+    }
+    let out = a.out.ok_or("give --out DIR")?;
+    let vnb = vnb_bin();
+    if configs.iter().any(|c| matches!(c, Backend::Ours { .. })) && !vnb.exists() {
+        return Err(format!(
+            "{} not found: build it (cargo build --release) or set VNB_BIN",
+            vnb.display()
+        ));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let scratch = std::env::temp_dir().join(format!("vnb-bench-{}", std::process::id()));
+    let opts = RunOptions {
+        configs,
+        workloads,
+        reps,
+        duration,
+        repo: repo(),
+        vnb_bin: vnb,
+        power_source: a.power_source.unwrap_or_else(|| "auto".into()),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        scratch: scratch.clone(),
+    };
+    let result = run(&opts, &stop);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let camp = result?;
+    report::write_all(&camp, &out)?;
+    println!("{}", report::markdown(&camp));
+    println!("report: {}", out.join("report.md").display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run_cmd(a),
+        Cmd::Report { dir } => report::load(&dir).and_then(|c| {
+            report::write_all(&c, &dir)?;
+            println!("report: {}", dir.join("report.md").display());
+            Ok(())
+        }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vnb-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

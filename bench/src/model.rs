@@ -1,0 +1,231 @@
+//! What a campaign runs and what it records.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A workload, run from the host side of the namespace against the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Nothing runs: the idle baseline of the configuration.
+    Idle,
+    /// iperf3 guest→host.
+    IperfTx,
+    /// iperf3 host→guest.
+    IperfRx,
+    /// ab, 100 concurrent clients downloading a 20 MB file from the guest's web server.
+    Http,
+    /// tbench with 100 processes against tbench_srv in the guest.
+    Tbench,
+    /// Request/response latency: ICMP echo at a fixed rate (100/s), p50/p99.
+    Rr,
+}
+
+impl Workload {
+    /// Every workload except the idle baseline, in report order.
+    pub const ALL: [Workload; 5] = [
+        Workload::IperfTx,
+        Workload::IperfRx,
+        Workload::Http,
+        Workload::Tbench,
+        Workload::Rr,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Idle => "idle",
+            Workload::IperfTx => "iperf-tx",
+            Workload::IperfRx => "iperf-rx",
+            Workload::Http => "http",
+            Workload::Tbench => "tbench",
+            Workload::Rr => "rr",
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Workload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Workload::ALL
+            .into_iter()
+            .chain([Workload::Idle])
+            .find(|w| w.name() == s)
+            .ok_or_else(|| {
+                format!("unknown workload {s:?}: use iperf-tx, iperf-rx, http, tbench or rr")
+            })
+    }
+}
+
+/// The backend serving the guest's NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Backend {
+    /// vhost-net-batch in a batching mode (`off`, `fixed:US`, `adaptive:US`).
+    Ours {
+        /// The `--mode` value.
+        mode: String,
+    },
+    /// QEMU's own userspace virtio-net on a tap (`tx=timer` when asked).
+    QemuTap {
+        /// Use `tx=timer`.
+        tx_timer: bool,
+    },
+}
+
+impl Backend {
+    /// The configuration's name in reports: `off`, `adaptive:500`, `qemu-tap`, `qemu-tap-txtimer`.
+    pub fn name(&self) -> String {
+        match self {
+            Backend::Ours { mode } => mode.clone(),
+            Backend::QemuTap { tx_timer: false } => "qemu-tap".into(),
+            Backend::QemuTap { tx_timer: true } => "qemu-tap-txtimer".into(),
+        }
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    /// `off`, `fixed:US`, `adaptive:US` (ours) or `qemu-tap`, `qemu-tap-txtimer` (peers).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qemu-tap" => Ok(Backend::QemuTap { tx_timer: false }),
+            "qemu-tap-txtimer" => Ok(Backend::QemuTap { tx_timer: true }),
+            _ => {
+                let (kind, us) = s.split_once(':').unwrap_or((s, ""));
+                let ok = match kind {
+                    "off" => us.is_empty(),
+                    "fixed" | "adaptive" => us.parse::<u32>().is_ok_and(|v| v > 0),
+                    _ => false,
+                };
+                if ok {
+                    Ok(Backend::Ours { mode: s.into() })
+                } else {
+                    Err(format!(
+                        "unknown configuration {s:?}: use off, fixed:US, adaptive:US, qemu-tap or qemu-tap-txtimer"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// One workload run on one configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Configuration name.
+    pub config: String,
+    /// Workload name.
+    pub workload: String,
+    /// Repetition, from 1.
+    pub rep: u32,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Throughput in Mb/s (iperf, http, tbench).
+    pub throughput_mbps: Option<f64>,
+    /// Requests per second (http).
+    pub requests_per_s: Option<f64>,
+    /// RTT median, ms (rr).
+    pub rtt_p50_ms: Option<f64>,
+    /// RTT 99th percentile, ms (rr).
+    pub rtt_p99_ms: Option<f64>,
+    /// Guest interrupts per second on the NIC under test.
+    pub guest_irqs_per_s: f64,
+    /// Guest interrupts per packet (both directions).
+    pub irqs_per_packet: Option<f64>,
+    /// Guest kicks per second (our backend's counters; none for QEMU's own NIC).
+    pub kicks_per_s: Option<f64>,
+    /// Kicks per packet.
+    pub kicks_per_packet: Option<f64>,
+    /// Packets the guest sent and received.
+    pub guest_packets: u64,
+    /// CPU seconds of the backend process (none when QEMU is the backend).
+    pub backend_cpu_s: Option<f64>,
+    /// CPU seconds of QEMU.
+    pub qemu_cpu_s: f64,
+    /// Context switches of the backend.
+    pub backend_ctx_switches: Option<u64>,
+    /// Context switches of QEMU.
+    pub qemu_ctx_switches: u64,
+    /// Joules of the power source's total over the run.
+    pub joules: Option<f64>,
+    /// Mean watts over the run.
+    pub watts: Option<f64>,
+    /// Joules per gigabyte moved (throughput workloads).
+    pub joules_per_gb: Option<f64>,
+    /// `measurement` or `estimate`.
+    pub energy_kind: String,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The machine a campaign ran on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPU model and count.
+    pub cpu: String,
+    /// Host kernel.
+    pub kernel: String,
+    /// QEMU version.
+    pub qemu: String,
+    /// Guest kernel.
+    pub guest_kernel: String,
+    /// vhost-net-batch version.
+    pub vnb: String,
+    /// Power source and its kind.
+    pub power: String,
+}
+
+/// A campaign's results.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Campaign {
+    /// The command that ran it (to rerun).
+    pub command: String,
+    /// The machine.
+    pub machine: Machine,
+    /// Configurations in order.
+    pub configs: Vec<String>,
+    /// Workloads in order.
+    pub workloads: Vec<String>,
+    /// Repetitions.
+    pub reps: u32,
+    /// Seconds per workload run.
+    pub duration_s: u32,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_print() {
+        for w in Workload::ALL {
+            assert_eq!(w.name().parse::<Workload>(), Ok(w));
+        }
+        assert!("iperf".parse::<Workload>().is_err());
+        for c in [
+            "off",
+            "fixed:100",
+            "adaptive:1000",
+            "qemu-tap",
+            "qemu-tap-txtimer",
+        ] {
+            assert_eq!(c.parse::<Backend>().unwrap().name(), c);
+        }
+        for bad in ["on", "off:5", "fixed:", "adaptive:0", "qemu"] {
+            assert!(bad.parse::<Backend>().is_err(), "{bad}");
+        }
+    }
+}

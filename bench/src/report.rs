@@ -1,0 +1,361 @@
+//! Writing a campaign out: `results.json` (everything), `results.csv` (one row per run) and
+//! `report.md` (per workload, each configuration's mean ± stddev, min/median/max and the change
+//! against `off`, in the shape of the paper's tables).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::model::{Campaign, RunResult};
+use crate::stats::Summary;
+
+/// A metric of a run, for tables.
+pub struct Metric {
+    /// Column title.
+    pub title: &'static str,
+    /// How to read it.
+    pub get: fn(&RunResult) -> Option<f64>,
+}
+
+/// The columns of the report's tables.
+pub fn metrics() -> Vec<Metric> {
+    vec![
+        Metric {
+            title: "throughput Mb/s",
+            get: |r| r.throughput_mbps,
+        },
+        Metric {
+            title: "requests/s",
+            get: |r| r.requests_per_s,
+        },
+        Metric {
+            title: "RTT p50 ms",
+            get: |r| r.rtt_p50_ms,
+        },
+        Metric {
+            title: "RTT p99 ms",
+            get: |r| r.rtt_p99_ms,
+        },
+        Metric {
+            title: "guest irq/s",
+            get: |r| Some(r.guest_irqs_per_s),
+        },
+        Metric {
+            title: "irq/packet",
+            get: |r| r.irqs_per_packet,
+        },
+        Metric {
+            title: "kicks/s",
+            get: |r| r.kicks_per_s,
+        },
+        Metric {
+            title: "kicks/packet",
+            get: |r| r.kicks_per_packet,
+        },
+        Metric {
+            title: "backend CPU s",
+            get: |r| r.backend_cpu_s,
+        },
+        Metric {
+            title: "QEMU CPU s",
+            get: |r| Some(r.qemu_cpu_s),
+        },
+        Metric {
+            title: "backend ctxsw",
+            get: |r| r.backend_ctx_switches.map(|v| v as f64),
+        },
+        Metric {
+            title: "QEMU ctxsw",
+            get: |r| Some(r.qemu_ctx_switches as f64),
+        },
+        Metric {
+            title: "watts",
+            get: |r| r.watts,
+        },
+        Metric {
+            title: "joules",
+            get: |r| r.joules,
+        },
+        Metric {
+            title: "J/GB",
+            get: |r| r.joules_per_gb,
+        },
+    ]
+}
+
+/// The summary of metric `m` over the successful runs of `config` × `workload`.
+pub fn summary(c: &Campaign, config: &str, workload: &str, m: &Metric) -> Option<Summary> {
+    let v: Vec<f64> = c
+        .runs
+        .iter()
+        .filter(|r| r.config == config && r.workload == workload && r.error.is_none())
+        .filter_map(|r| (m.get)(r))
+        .collect();
+    Summary::of(&v)
+}
+
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// The CSV of every run.
+pub fn csv(c: &Campaign) -> String {
+    let cols = [
+        "config",
+        "workload",
+        "rep",
+        "seconds",
+        "throughput_mbps",
+        "requests_per_s",
+        "rtt_p50_ms",
+        "rtt_p99_ms",
+        "guest_irqs_per_s",
+        "irqs_per_packet",
+        "kicks_per_s",
+        "kicks_per_packet",
+        "guest_packets",
+        "backend_cpu_s",
+        "qemu_cpu_s",
+        "backend_ctx_switches",
+        "qemu_ctx_switches",
+        "joules",
+        "watts",
+        "joules_per_gb",
+        "energy_kind",
+        "error",
+    ];
+    let mut out = cols.join(",");
+    out.push('\n');
+    for r in &c.runs {
+        let v = serde_json::to_value(r).unwrap_or_default();
+        let row: Vec<String> = cols
+            .iter()
+            .map(|k| match &v[*k] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => format!("\"{}\"", s.replace('"', "\"\"")),
+                other => other.to_string(),
+            })
+            .collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// The Markdown report.
+pub fn markdown(c: &Campaign) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# vnb-bench report\n");
+    let _ = writeln!(o, "Rerun with:\n\n```\n{}\n```\n", c.command);
+    let m = &c.machine;
+    let _ = writeln!(
+        o,
+        "Machine: {}; host kernel {}; {}; guest kernel {}; {}.\n\nPower: {}. {} repetition(s) of {} s per workload; one freshly booted guest per configuration and repetition.\n",
+        m.cpu, m.kernel, m.qemu, m.guest_kernel, m.vnb, m.power, c.reps, c.duration_s
+    );
+    if m.power.contains("estimate") {
+        let _ = writeln!(
+            o,
+            "**Energy figures are an ESTIMATE** (a CPU-time model, no RAPL or wall meter on this machine), not a measurement.\n"
+        );
+    }
+    let failed: Vec<&RunResult> = c.runs.iter().filter(|r| r.error.is_some()).collect();
+    let mut noisy = Vec::new();
+    let mut workloads = vec!["idle".to_string()];
+    workloads.extend(c.workloads.iter().cloned());
+    for w in &workloads {
+        if !c.runs.iter().any(|r| &r.workload == w) {
+            continue;
+        }
+        let _ = writeln!(o, "## {w}\n");
+        let cols: Vec<Metric> = metrics()
+            .into_iter()
+            .filter(|mt| c.configs.iter().any(|cf| summary(c, cf, w, mt).is_some()))
+            .collect();
+        let _ = write!(o, "| configuration |");
+        for mt in &cols {
+            let _ = write!(o, " {} |", mt.title);
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(o, "|---|{}", "---|".repeat(cols.len()));
+        for cf in &c.configs {
+            let _ = write!(o, "| {cf} |");
+            for mt in &cols {
+                match summary(c, cf, w, mt) {
+                    Some(s) => {
+                        let base = summary(c, "off", w, mt).map(|b| b.mean);
+                        let delta = match base {
+                            Some(b) if cf != "off" && b != 0.0 => {
+                                format!(" ({:+.1} %)", (s.mean / b - 1.0) * 100.0)
+                            }
+                            _ => String::new(),
+                        };
+                        let spread = if s.n > 1 {
+                            format!(
+                                " ± {} [{}/{}/{}]",
+                                fmt_num(s.stddev),
+                                fmt_num(s.min),
+                                fmt_num(s.median),
+                                fmt_num(s.max)
+                            )
+                        } else {
+                            String::new()
+                        };
+                        if s.n > 1 && s.cv() > 0.1 {
+                            noisy.push(format!(
+                                "{w} / {cf} / {}: cv {:.0} %",
+                                mt.title,
+                                s.cv() * 100.0
+                            ));
+                        }
+                        let _ = write!(o, " {}{spread}{delta} |", fmt_num(s.mean));
+                    }
+                    None => {
+                        let _ = write!(o, " – |");
+                    }
+                }
+            }
+            let _ = writeln!(o);
+        }
+        let _ = writeln!(o);
+    }
+    let _ = writeln!(
+        o,
+        "Cells: mean ± stddev [min/median/max] over repetitions, and the change against `off` in parentheses.\n"
+    );
+    let _ = writeln!(o, "## Noise\n");
+    if noisy.is_empty() {
+        let _ = writeln!(
+            o,
+            "No figure varied by more than 10 % between repetitions.\n"
+        );
+    } else {
+        let _ = writeln!(o, "Figures that varied by more than 10 % (coefficient of variation) between repetitions:\n");
+        for n in &noisy {
+            let _ = writeln!(o, "- {n}");
+        }
+        let _ = writeln!(o);
+    }
+    if !failed.is_empty() {
+        let _ = writeln!(o, "## Failed runs\n");
+        for r in failed {
+            let _ = writeln!(
+                o,
+                "- {} / {} / rep {}: {}",
+                r.config,
+                r.workload,
+                r.rep,
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    o
+}
+
+/// Writes `results.json`, `results.csv` and `report.md` into `dir`.
+pub fn write_all(c: &Campaign, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let w = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text)
+            .map_err(|e| format!("{}: {e}", dir.join(name).display()))
+    };
+    w(
+        "results.json",
+        serde_json::to_string_pretty(c).map_err(|e| e.to_string())?,
+    )?;
+    w("results.csv", csv(c))?;
+    w("report.md", markdown(c))?;
+    Ok(())
+}
+
+/// Reads `results.json` from `dir`.
+pub fn load(dir: &Path) -> Result<Campaign, String> {
+    let p = dir.join("results.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(config: &str, workload: &str, rep: u32, mbps: f64, irq: f64) -> RunResult {
+        RunResult {
+            config: config.into(),
+            workload: workload.into(),
+            rep,
+            seconds: 2.0,
+            throughput_mbps: Some(mbps),
+            guest_irqs_per_s: irq,
+            qemu_cpu_s: 1.0,
+            energy_kind: "estimate".into(),
+            ..Default::default()
+        }
+    }
+
+    fn campaign() -> Campaign {
+        Campaign {
+            command: "vnb-bench run --modes off,adaptive:500".into(),
+            machine: crate::model::Machine {
+                power: "estimate (estimate)".into(),
+                ..Default::default()
+            },
+            configs: vec!["off".into(), "adaptive:500".into()],
+            workloads: vec!["iperf-rx".into()],
+            reps: 2,
+            duration_s: 2,
+            runs: vec![
+                run("off", "iperf-rx", 1, 1000.0, 8000.0),
+                run("off", "iperf-rx", 2, 1100.0, 8200.0),
+                run("adaptive:500", "iperf-rx", 1, 1050.0, 1000.0),
+                run("adaptive:500", "iperf-rx", 2, 1050.0, 1000.0),
+                RunResult {
+                    error: Some("iperf3: boom".into()),
+                    ..run("adaptive:500", "iperf-rx", 3, 0.0, 0.0)
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn markdown_tables_changes_and_failures() {
+        let md = markdown(&campaign());
+        assert!(md.contains("vnb-bench run --modes off,adaptive:500"));
+        assert!(md.contains("## iperf-rx"));
+        assert!(
+            md.contains("| off | 1050 ± 70.7 [1000/1050/1100] | 8100 ± 141.4"),
+            "{md}"
+        );
+        assert!(md.contains("| adaptive:500 | 1050 ± 0.000 [1050/1050/1050] (+0.0 %) | 1000 ± 0.000 [1000/1000/1000] (-87.7 %)"), "{md}");
+        // Workloads without runs get no table.
+        assert!(!md.contains("## idle"));
+        assert!(md.contains("ESTIMATE"));
+        assert!(md.contains("adaptive:500 / iperf-rx / rep 3: iperf3: boom"));
+        // The failed run is not in the means.
+        assert!(!md.contains("700.0"));
+    }
+
+    #[test]
+    fn csv_has_a_row_per_run_and_json_round_trips() {
+        let c = campaign();
+        let text = csv(&c);
+        assert_eq!(text.lines().count(), 1 + c.runs.len());
+        assert!(text
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("config,workload,rep"));
+        assert!(text.contains("\"adaptive:500\",\"iperf-rx\",3"));
+        let dir = std::env::temp_dir().join(format!("vnb-report-{}", std::process::id()));
+        write_all(&c, &dir).unwrap();
+        assert_eq!(load(&dir).unwrap(), c);
+        assert!(dir.join("report.md").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

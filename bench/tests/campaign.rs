@@ -1,0 +1,126 @@
+//! A quick campaign through the real pipeline (guest image, namespaces, our backend in two
+//! modes, QEMU guests, iperf3 and ping, the power estimate) into a report, checked for every
+//! expected row and column and for sane figures.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn quick_campaign_produces_a_complete_sane_report() {
+    for (cmd, pkg) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("iperf3", "iperf3"),
+        ("ping", "iputils-ping"),
+    ] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .status()
+                .unwrap()
+                .success(),
+            "{cmd} missing: install {pkg} (ci/setup.sh)"
+        );
+    }
+    let img = Command::new(repo().join("ci/guest/build-image.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        img.status.success(),
+        "{}",
+        String::from_utf8_lossy(&img.stderr)
+    );
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_vnb-bench"));
+    let vnb = exe.parent().unwrap().join("vhost-net-batch");
+    assert!(
+        vnb.exists(),
+        "{} missing: build the workspace first (cargo build --workspace)",
+        vnb.display()
+    );
+    let out = std::env::temp_dir().join(format!("vnb-bench-test-{}", std::process::id()));
+    let run = Command::new(&exe)
+        .args([
+            "run",
+            "--modes",
+            "off,adaptive:1000",
+            "--workloads",
+            "iperf-rx,rr",
+            "--reps",
+            "1",
+            "--duration",
+            "2",
+            "--power-source",
+            "estimate",
+            "--out",
+        ])
+        .arg(&out)
+        .env("VNB_BIN", &vnb)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "vnb-bench failed:\n{stderr}");
+    assert!(stderr.contains("[6/6]"), "progress lines: {stderr}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6, "2 configurations × (idle + 2 workloads)");
+    for r in runs {
+        let what = format!("{} / {}", r["config"], r["workload"]);
+        assert!(r["error"].is_null(), "{what}: {}", r["error"]);
+        assert!(r["qemu_cpu_s"].as_f64().unwrap() > 0.0, "{what}");
+        assert!(r["watts"].as_f64().unwrap() > 0.0, "{what}");
+        assert_eq!(r["energy_kind"], "estimate");
+        let packets = r["guest_packets"].as_u64().unwrap();
+        let irq = r["guest_irqs_per_s"].as_f64().unwrap() * r["seconds"].as_f64().unwrap();
+        if r["workload"] != "idle" {
+            assert!(packets > 100, "{what}: {packets} packets");
+            // Interrupts are bounded by packets (NAPI never takes more than one per packet
+            // here), and some arrive.
+            assert!(
+                irq > 0.0 && irq <= 1.5 * packets as f64,
+                "{what}: {irq} irqs, {packets} packets"
+            );
+            assert!(r["kicks_per_s"].as_f64().is_some(), "{what}");
+            assert!(r["backend_cpu_s"].as_f64().is_some(), "{what}");
+        }
+        match r["workload"].as_str().unwrap() {
+            "iperf-rx" => assert!(r["throughput_mbps"].as_f64().unwrap() > 10.0, "{what}"),
+            "rr" => {
+                let p50 = r["rtt_p50_ms"].as_f64().unwrap();
+                let p99 = r["rtt_p99_ms"].as_f64().unwrap();
+                assert!(p50 > 0.0 && p99 >= p50, "{what}: {p50} {p99}");
+            }
+            _ => {}
+        }
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for want in [
+        "Rerun with:",
+        "## idle",
+        "## iperf-rx",
+        "## rr",
+        "| off |",
+        "| adaptive:1000 |",
+        "throughput Mb/s",
+        "RTT p99 ms",
+        "guest irq/s",
+        "kicks/s",
+        "watts",
+        "J/GB",
+        "ESTIMATE",
+    ] {
+        assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
+    }
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7);
+    // `report` rewrites the same report from results.json.
+    std::fs::remove_file(out.join("report.md")).unwrap();
+    let rep = Command::new(&exe).arg("report").arg(&out).status().unwrap();
+    assert!(rep.success());
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), md);
+    let _ = std::fs::remove_dir_all(&out);
+}
