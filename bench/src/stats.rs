@@ -85,7 +85,9 @@ mod tests {
         assert_eq!((one.stddev, one.median), (0.0, 3.0));
         assert!(Summary::of(&[]).is_none());
         assert!(Summary::of(&[1.0, f64::NAN]).is_none());
-        assert!((Summary::of(&[1.0, 3.0]).unwrap().cv() - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-9);
+        assert!(
+            (Summary::of(&[1.0, 3.0]).unwrap().cv() - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-9
+        );
     }
 
     #[test]
