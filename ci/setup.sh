@@ -25,7 +25,7 @@ SRC
 fi
 
 PKGS=(iperf3 busybox-static apache2-utils dpdk dpdk-dev iproute2 ethtool cpio kmod python3
-      zstd xz-utils iputils-ping procps socat dbench pkg-config libc6-dev g++)
+      zstd xz-utils iputils-ping procps socat dbench pkg-config libc6-dev g++ fonts-dejavu-core)
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 
 missing=()

@@ -7,8 +7,10 @@
 //! - [`parse`]: iperf3 JSON, ab, ping and tbench output;
 //! - [`model`]: configurations, workloads and per-run results;
 //! - [`runner`]: the campaign (namespaces, backends, guests, workloads, teardown);
-//! - [`report`]: `report.md`, `results.csv`, `results.json`.
+//! - [`report`]: `report.md`, `results.csv`, `results.json`;
+//! - [`charts`]: bar charts with error bars and a latency-vs-energy scatter, SVG and PNG.
 
+pub mod charts;
 pub mod model;
 pub mod parse;
 pub mod report;

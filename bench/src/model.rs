@@ -80,6 +80,50 @@ pub enum Backend {
         /// Use `tx=timer`.
         tx_timer: bool,
     },
+    /// Any vhost-user backend, started from a command line template run with `sh -c` inside
+    /// the namespace: `{socket}` is the vhost-user socket it must listen on, `{tap}` the tap it
+    /// must create, `{mac}` the guest's MAC.
+    External {
+        /// Name in reports (`ext:NAME`).
+        name: String,
+        /// The command line template.
+        template: String,
+    },
+}
+
+impl Backend {
+    /// Parses `--external NAME=TEMPLATE`.
+    pub fn external(spec: &str) -> Result<Backend, String> {
+        let (name, template) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--external {spec:?}: expected NAME=COMMAND TEMPLATE"))?;
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(format!(
+                "--external: bad name {name:?} (letters, digits, - _ .)"
+            ));
+        }
+        if !template.contains("{socket}") {
+            return Err(format!(
+                "--external {name}: the template must contain {{socket}} (the vhost-user socket to listen on)"
+            ));
+        }
+        Ok(Backend::External {
+            name: name.into(),
+            template: template.into(),
+        })
+    }
+
+    /// The template with its placeholders filled in.
+    pub fn fill(template: &str, socket: &str, tap: &str, mac: &str) -> String {
+        template
+            .replace("{socket}", socket)
+            .replace("{tap}", tap)
+            .replace("{mac}", mac)
+    }
 }
 
 impl Backend {
@@ -89,6 +133,7 @@ impl Backend {
             Backend::Ours { mode } => mode.clone(),
             Backend::QemuTap { tx_timer: false } => "qemu-tap".into(),
             Backend::QemuTap { tx_timer: true } => "qemu-tap-txtimer".into(),
+            Backend::External { name, .. } => format!("ext:{name}"),
         }
     }
 }
@@ -227,5 +272,17 @@ mod tests {
         for bad in ["on", "off:5", "fixed:", "adaptive:0", "qemu"] {
             assert!(bad.parse::<Backend>().is_err(), "{bad}");
         }
+        let e =
+            Backend::external("ch=vhost_user_net --net-backend socket={socket},tap={tap}").unwrap();
+        assert_eq!(e.name(), "ext:ch");
+        if let Backend::External { template, .. } = &e {
+            assert_eq!(
+                Backend::fill(template, "/s", "t0", "m"),
+                "vhost_user_net --net-backend socket=/s,tap=t0"
+            );
+        }
+        assert!(Backend::external("noequals").is_err());
+        assert!(Backend::external("a b=cmd {socket}").is_err());
+        assert!(Backend::external("x=cmd without socket").is_err());
     }
 }

@@ -229,6 +229,17 @@ pub fn markdown(c: &Campaign) -> String {
         o,
         "Cells: mean ± stddev [min/median/max] over repetitions, and the change against `off` in parentheses.\n"
     );
+    let charts = crate::charts::planned(c);
+    if !charts.is_empty() {
+        let _ = writeln!(
+            o,
+            "## Charts\n\nIn `charts/`, as SVG and PNG (bars: mean, whiskers: ± stddev).\n"
+        );
+        for (base, _, _) in &charts {
+            let _ = writeln!(o, "![{base}](charts/{base}.png)");
+        }
+        let _ = writeln!(o);
+    }
     let _ = writeln!(o, "## Noise\n");
     if noisy.is_empty() {
         let _ = writeln!(
@@ -271,6 +282,7 @@ pub fn write_all(c: &Campaign, dir: &Path) -> Result<(), String> {
     )?;
     w("results.csv", csv(c))?;
     w("report.md", markdown(c))?;
+    crate::charts::write_charts(c, dir)?;
     Ok(())
 }
 
@@ -356,6 +368,17 @@ mod tests {
         write_all(&c, &dir).unwrap();
         assert_eq!(load(&dir).unwrap(), c);
         assert!(dir.join("report.md").exists());
+        for f in ["iperf-rx-throughput-Mb-s", "iperf-rx-guest-irq-s"] {
+            for ext in ["svg", "png"] {
+                let p = dir.join(format!("charts/{f}.{ext}"));
+                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                assert!(len > 1000, "{} missing or empty", p.display());
+            }
+        }
+        let svg = std::fs::read_to_string(dir.join("charts/iperf-rx-throughput-Mb-s.svg")).unwrap();
+        assert!(svg.contains("adaptive:500") && svg.contains("iperf-rx: throughput Mb/s"));
+        assert!(markdown(&c)
+            .contains("![iperf-rx-throughput-Mb-s](charts/iperf-rx-throughput-Mb-s.png)"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

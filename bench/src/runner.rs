@@ -333,6 +333,38 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, Str
             common(&mut c);
             sh(&mut c)?
         }
+        Backend::External { template, .. } => {
+            let sock = dir.join("vm.sock");
+            let cmd = Backend::fill(template, &sock.to_string_lossy(), TAP, GUEST_MAC);
+            let log = std::fs::File::create(dir.join("backend.log")).map_err(|e| e.to_string())?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns, "sh", "-c", &format!("exec {cmd}")])
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("cannot start the external backend: {e}"))?;
+            vm.backend = Some(child);
+            let end = Instant::now() + Duration::from_secs(30);
+            while !sock.exists() || sh(&mut vm.host(&["ip", "link", "show", TAP])).is_err() {
+                let exited = vm
+                    .backend
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if Instant::now() > end || exited.is_some() {
+                    return Err(format!(
+                        "external backend {cmd:?} did not create {} and tap {TAP}: {}",
+                        sock.display(),
+                        std::fs::read_to_string(dir.join("backend.log")).unwrap_or_default()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            sh(Command::new(opts.repo.join("ci/netns.sh")).args(["addr", &ns, TAP, HOST_IP]))?;
+            let mut c = Command::new(&qemu_run);
+            c.arg("--vhost-user").arg(&sock);
+            common(&mut c);
+            sh(&mut c)?
+        }
         Backend::QemuTap { tx_timer } => {
             let mut c = Command::new(&qemu_run);
             c.args(["--tap-netns", &ns, "--tap", TAP]);

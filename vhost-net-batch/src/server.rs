@@ -82,6 +82,7 @@ pub enum ConnError {
 
 /// The pid of the process on the other end of a Unix socket.
 fn peer_pid(s: &UnixStream) -> Option<u32> {
+    // SAFETY: ucred is plain integers; all-zero is a valid value.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: SO_PEERCRED writes a ucred of `len` bytes.

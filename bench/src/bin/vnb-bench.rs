@@ -50,6 +50,12 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     modes: Vec<String>,
+    /// External vhost-user backends, `NAME=COMMAND TEMPLATE` (repeatable): run with `sh -c`
+    /// inside the namespace; `{socket}` is the socket to listen on, `{tap}` the tap to create,
+    /// `{mac}` the guest's MAC. Reported as `ext:NAME`.
+    #[arg(long)]
+    #[serde(default)]
+    external: Vec<String>,
     /// Repetitions (default 3).
     #[arg(long)]
     reps: Option<u32>,
@@ -90,6 +96,9 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
         if a.modes.is_empty() {
             a.modes = plan.modes;
         }
+        if a.external.is_empty() {
+            a.external = plan.external;
+        }
         a.reps = a.reps.or(plan.reps);
         a.duration = a.duration.or(plan.duration);
         a.out = a.out.or(plan.out);
@@ -103,7 +112,9 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
             .map(|w| w.parse())
             .collect::<Result<_, _>>()?
     };
-    let configs: Vec<Backend> = if a.modes.is_empty() {
+    let mut configs: Vec<Backend> = if a.modes.is_empty() && !a.external.is_empty() {
+        Vec::new()
+    } else if a.modes.is_empty() {
         ["off", "adaptive:500", "adaptive:1000"]
             .iter()
             .map(|m| m.parse().unwrap())
@@ -114,6 +125,9 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
             .map(|m| m.parse())
             .collect::<Result<_, _>>()?
     };
+    for e in &a.external {
+        configs.push(Backend::external(e)?);
+    }
     let reps = a.reps.unwrap_or(3);
     let duration = a.duration.unwrap_or(10);
     if reps == 0 || duration == 0 {
