@@ -262,6 +262,7 @@ pub struct SamplerCore {
     sources: Vec<SourceState>,
     config: SamplerConfig,
     started: Option<Instant>,
+    last_poll: Option<Instant>,
     reads: u64,
     failed_reads: u64,
     warnings: Vec<String>,
@@ -314,6 +315,7 @@ impl SamplerCore {
             sources,
             config,
             started: None,
+            last_poll: None,
             reads: 0,
             failed_reads: 0,
             warnings: Vec::new(),
@@ -333,6 +335,12 @@ impl SamplerCore {
 
     /// Read every source once at `now` and accumulate. Times must not go backwards.
     pub fn poll(&mut self, now: Instant) -> Result<(), PowerError> {
+        // Never let time run backwards: a caller's late-stamped read counts as the last one.
+        let now = match self.last_poll {
+            Some(last) if now < last => last,
+            _ => now,
+        };
+        self.last_poll = Some(now);
         self.started.get_or_insert(now);
         // Read everything first so a failing source leaves no domain half-updated.
         let mut values = Vec::with_capacity(self.sources.len());
@@ -402,7 +410,8 @@ impl SamplerCore {
     /// Read at `now` and return a mark.
     pub fn mark(&mut self, now: Instant) -> Result<Mark, PowerError> {
         self.poll(now)?;
-        Ok(self.snapshot(now))
+        let at = self.last_poll.unwrap_or(now);
+        Ok(self.snapshot(at))
     }
 
     fn snapshot(&self, now: Instant) -> Mark {
@@ -697,14 +706,18 @@ fn run(shared: Arc<Shared>, interval: Duration) {
                     .0;
             }
         }
-        let now = Instant::now();
-        {
+        // The time is taken under the lock: a mark() from another thread may have read in
+        // between, and a read stamped earlier than the one before it would look like a counter
+        // going backwards (a spurious wrap for a wrapping counter).
+        let now = {
             let mut core = lock(&shared.core);
+            let now = Instant::now();
             if let Err(e) = core.poll(now) {
                 tracing::warn!("power sampler: {e}");
                 core.note_failure(&e);
             }
-        }
+            now
+        };
         next += interval;
         if next <= now {
             next = now + interval;
@@ -783,6 +796,39 @@ mod tests {
             iv.warnings
         );
         assert!(!iv.warnings.iter().any(|w| w.contains("counter counter")));
+    }
+
+    #[test]
+    fn a_read_stamped_before_the_last_one_does_not_go_backwards() {
+        // Two threads (the sampler's and a mark()) can race: the second read must not be
+        // stamped earlier than the first, or a wrapping counter would count a whole spurious wrap.
+        let src = Linear {
+            t0: None,
+            watts: 10.0,
+            domains: vec![
+                DomainInfo::energy("counter", true),
+                DomainInfo::power("gauge", false),
+                DomainInfo::energy("frozen", false),
+            ],
+        };
+        let mut core = SamplerCore::new(
+            vec![Box::new(src)],
+            SamplerConfig::every(Duration::from_millis(100)),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let a = core.mark(t0).unwrap();
+        core.poll(t0 + Duration::from_millis(200)).unwrap();
+        let b = core.mark(t0 + Duration::from_millis(150)).unwrap();
+        assert_eq!(b.at, t0 + Duration::from_millis(200));
+        let iv = core.between(&a, &b);
+        assert!(
+            !iv.warnings.iter().any(|w| w.contains("backwards")),
+            "{:?}",
+            iv.warnings
+        );
+        let s = iv.primary().unwrap();
+        assert!((s.domain("counter").unwrap().joules - 2.0).abs() < 1e-9);
     }
 
     #[test]

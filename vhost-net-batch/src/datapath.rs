@@ -243,13 +243,18 @@ type Seg = (u64, u32);
 
 /// Walks `head`'s chain, checking it, appending host iovecs and guest segments.
 /// Returns the chain's total byte count.
+///
+/// At most `max_segs` iovecs are added for this chain (the kernel takes at most `MAX_SEGMENTS`
+/// per `readv`/`writev`); `iov` may already hold other chains' iovecs, which do not count.
 fn collect_chain<M: GuestMemoryBackend>(
     mem: &M,
     chain: virtio_queue::DescriptorChain<&M>,
     writable: bool,
     iov: &mut Vec<libc::iovec>,
     segs: Option<&mut Vec<Seg>>,
+    max_segs: usize,
 ) -> Result<usize, ChainError> {
+    let limit = iov.len() + max_segs;
     let mut total = 0usize;
     let mut last_has_next = true;
     let mut any = false;
@@ -264,7 +269,7 @@ fn collect_chain<M: GuestMemoryBackend>(
         if len == 0 {
             continue;
         }
-        if iov.len() >= MAX_SEGMENTS {
+        if iov.len() >= limit {
             return Err(ChainError::TooManySegments);
         }
         // Fast path: the buffer lies in one memory region (almost always).
@@ -276,7 +281,7 @@ fn collect_chain<M: GuestMemoryBackend>(
         } else {
             for slice in mem.get_slices(desc.addr(), len) {
                 let slice = slice.map_err(|_| ChainError::OutOfMemory)?;
-                if iov.len() >= MAX_SEGMENTS {
+                if iov.len() >= limit {
                     return Err(ChainError::TooManySegments);
                 }
                 iov.push(libc::iovec {
@@ -444,7 +449,7 @@ impl TxPath {
                 for chain in chains.take(TX_STEP.min(budget - done)) {
                     let head = chain.head_index();
                     let start = self.iov.len();
-                    let res = collect_chain(mem, chain, false, &mut self.iov, None)
+                    let res = collect_chain(mem, chain, false, &mut self.iov, None, MAX_SEGMENTS)
                         .and_then(|n| hdr.fits(n));
                     if res.is_err() {
                         self.iov.truncate(start);
@@ -646,7 +651,14 @@ impl RxPath {
             let head = chain.head_index();
             self.iov.clear();
             self.segs.clear();
-            match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.segs)) {
+            match collect_chain(
+                mem,
+                chain,
+                true,
+                &mut self.iov,
+                Some(&mut self.segs),
+                MAX_SEGMENTS,
+            ) {
                 Ok(cap) if cap >= hdr.len + frame.len() => {
                     let mut h = [0u8; 12];
                     if hdr.len == 12 {
@@ -718,8 +730,16 @@ impl RxPath {
             let head = chain.head_index();
             self.iov.clear();
             self.segs.clear();
-            let cap = match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.segs))
-                .and_then(|n| hdr.fits(n))
+            // One iovec is kept for the scratch buffer that takes what does not fit.
+            let cap = match collect_chain(
+                mem,
+                chain,
+                true,
+                &mut self.iov,
+                Some(&mut self.segs),
+                MAX_SEGMENTS - 1,
+            )
+            .and_then(|n| hdr.fits(n))
             {
                 Ok(n) => n,
                 Err(e) => {
@@ -814,7 +834,14 @@ impl RxPath {
             let head = chain.head_index();
             self.iov.clear();
             self.seg_scratch.clear();
-            match collect_chain(mem, chain, true, &mut self.iov, Some(&mut self.seg_scratch)) {
+            match collect_chain(
+                mem,
+                chain,
+                true,
+                &mut self.iov,
+                Some(&mut self.seg_scratch),
+                MAX_SEGMENTS,
+            ) {
                 Ok(cap) if cap > 0 => {
                     let take = cap.min(p.len - p.filled);
                     let from = p.filled - p.first_len;

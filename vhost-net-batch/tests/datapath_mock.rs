@@ -3,7 +3,9 @@
 use std::collections::VecDeque;
 use std::io;
 
-use vhost_net_batch::datapath::{should_notify, HdrLayout, RxPath, TapIo, TxPath, MAX_FRAME};
+use vhost_net_batch::datapath::{
+    should_notify, HdrLayout, RxPath, TapIo, TxPath, MAX_FRAME, MAX_SEGMENTS,
+};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -29,6 +31,10 @@ fn iov_total(iov: &[libc::iovec]) -> usize {
 
 impl TapIo for FakeTap {
     fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if iov.len() > MAX_SEGMENTS {
+            // As the kernel does (UIO_MAXIOV).
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let frame = self
             .rx
             .pop_front()
@@ -51,6 +57,9 @@ impl TapIo for FakeTap {
     }
 
     fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if iov.len() > MAX_SEGMENTS {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         if let Some(e) = self.tx_error {
             return Err(io::Error::from_raw_os_error(e));
         }
@@ -259,6 +268,93 @@ fn tx_budget_bounds_one_run() {
     assert_eq!((r.counts.packets, r.more), (64, true));
     let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
     assert_eq!((r.counts.packets, r.more), (136, false));
+}
+
+#[test]
+fn tx_full_step_of_many_segment_frames_all_move() {
+    // 64 frames of 20 segments each (a TSO/sendfile guest): 1280 iovecs in one step of the TX
+    // loop. The per-chain segment limit is per chain, so none of them may be refused.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let segs = 20u64;
+    let mut heads = Vec::new();
+    let mut frames = Vec::new();
+    for c in 0..64u64 {
+        let table = BUF + 0x40_0000 + c * 0x1000;
+        let data = BUF + c * 0x8000;
+        let f = frame((segs as usize - 1) * 100, c as u8);
+        m.write_slice(&f, GuestAddress(data)).unwrap();
+        for i in 0..segs {
+            let (off, len) = if i == 0 {
+                (0, 12)
+            } else {
+                (12 + (i - 1) * 100, 100)
+            };
+            let flags = if i + 1 < segs { N } else { 0 };
+            m.write_obj(
+                d(data + off, len as u32, flags, (i + 1) as u16),
+                GuestAddress(table + 16 * i),
+            )
+            .unwrap();
+        }
+        let head = c as u16;
+        vq.desc_table()
+            .store(
+                head,
+                d(table, (16 * segs) as u32, VRING_DESC_F_INDIRECT as u16, 0),
+            )
+            .unwrap();
+        heads.push(head);
+        frames.push(f);
+    }
+    publish(&m, &vq, &[], &heads);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+    assert_eq!((r.counts.packets, r.counts.bad_chains), (64, 0));
+    assert_eq!(tap.tx, frames);
+}
+
+#[test]
+fn rx_chain_with_more_segments_than_one_read_takes_is_refused_and_counted() {
+    // 1024 writable segments plus the scratch buffer would be 1025 iovecs, which readv refuses:
+    // such a chain must be rejected as malformed (not retried forever), and the next one used.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let table = BUF + 0x40_0000;
+    let n = MAX_SEGMENTS as u64;
+    for i in 0..n {
+        let flags = if i + 1 < n { W | N } else { W };
+        m.write_obj(
+            d(BUF + 16 * i, 16, flags, (i + 1) as u16),
+            GuestAddress(table + 16 * i),
+        )
+        .unwrap();
+    }
+    publish(
+        &m,
+        &vq,
+        &[
+            (
+                0,
+                d(table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16, 0),
+            ),
+            (1, d(BUF + 0x20_0000, 2048, W, 0)),
+        ],
+        &[0, 1],
+    );
+    let mut q: Queue = vq.create_queue().unwrap();
+    let f = frame(100, 9);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([f.clone()]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(
+        (r.counts.bad_chains, r.counts.packets, r.counts.tap_errors),
+        (1, 1, 0)
+    );
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, f.len() as u32)]);
 }
 
 fn rx_setup(

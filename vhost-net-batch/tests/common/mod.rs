@@ -405,7 +405,11 @@ pub fn tempdir() -> std::path::PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let d = std::env::temp_dir().join(format!("vnb-test-{}-{nanos}", std::process::id()));
+    // Tests of one binary run in parallel threads: the clock alone can give two of them the same
+    // name (seen in CI), so a process-wide counter makes it unique.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("vnb-test-{}-{n}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
