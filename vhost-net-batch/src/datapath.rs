@@ -760,7 +760,10 @@ impl RxPath {
                 Ok(n) => n,
                 Err(e) => {
                     unpop(q);
-                    if e.kind() != io::ErrorKind::WouldBlock {
+                    // EBADFD: the tap queue is detached (its pair is being disabled): empty.
+                    if e.kind() != io::ErrorKind::WouldBlock
+                        && e.raw_os_error() != Some(libc::EBADFD)
+                    {
                         tracing::warn!(%e, "tap read failed");
                         out.counts.tap_errors += 1;
                     }

@@ -325,7 +325,22 @@ impl VmSlot {
             }
         }
         let backend_side = self.connect_handler(&mut daemon)?;
-        let relayed = shim::relay(frontend, &backend_side);
+        // Tap queues follow the guest's enabled queue pairs (ring 2i is pair i's RX ring).
+        let tap = &self.tap;
+        let vm = &self.cfg.name;
+        let relayed = shim::relay_observed(frontend, &backend_side, &mut |msg| {
+            if let Some((ring, enabled)) = shim::vring_enable(msg) {
+                if ring % 2 == 0 {
+                    if let Err(e) = tap.set_queue_enabled((ring / 2) as usize, enabled) {
+                        tracing::warn!(%vm, ring, enabled, %e, "cannot follow the queue pair on the tap");
+                    }
+                }
+            }
+        });
+        // The next frontend starts with only pair 0, as this one did.
+        if let Err(e) = self.tap.detach_extra_queues() {
+            tracing::warn!(vm = %self.cfg.name, %e, "cannot detach the tap's extra queues");
+        }
         let _ = backend_side.shutdown(std::net::Shutdown::Both);
         let _ = frontend.shutdown(std::net::Shutdown::Both);
         daemon.request_shutdown();

@@ -301,6 +301,25 @@ pub fn ack_for(request: u32) -> Message {
 ///
 /// Returns `Ok(())` when the frontend disconnects cleanly.
 pub fn relay(frontend: &UnixStream, backend: &UnixStream) -> Result<(), ShimError> {
+    relay_observed(frontend, backend, &mut |_| {})
+}
+
+/// `SET_VRING_ENABLE`'s argument: (ring index, enabled), if `msg` is one.
+pub fn vring_enable(msg: &Message) -> Option<(u32, bool)> {
+    if msg.request != SET_VRING_ENABLE {
+        return None;
+    }
+    let v = msg.payload_u64()?;
+    Some((v as u32, (v >> 32) as u32 != 0))
+}
+
+/// As [`relay`], calling `seen` with every frontend message right after it went to the
+/// backend (deferred ones when they are replayed), so the caller can follow ring state.
+pub fn relay_observed(
+    frontend: &UnixStream,
+    backend: &UnixStream,
+    seen: &mut dyn FnMut(&Message),
+) -> Result<(), ShimError> {
     let mut state = ShimState::default();
     let mut deferred: Vec<Message> = Vec::new();
     loop {
@@ -338,7 +357,10 @@ pub fn relay(frontend: &UnixStream, backend: &UnixStream) -> Result<(), ShimErro
             };
             tracing::trace!(request = msg.request, flags = msg.flags, len = msg.payload.len(), arg = ?msg.payload_u64(), "vhost-user");
             match state.on_frontend(&msg) {
-                Action::Forward => send_message(backend, &msg)?,
+                Action::Forward => {
+                    send_message(backend, &msg)?;
+                    seen(&msg);
+                }
                 Action::Defer { ack } => {
                     tracing::debug!(
                         "deferring SET_VRING_ENABLE received before SET_FEATURES (QEMU quirk)"
@@ -351,13 +373,16 @@ pub fn relay(frontend: &UnixStream, backend: &UnixStream) -> Result<(), ShimErro
                 }
                 Action::ForwardThenReplay => {
                     send_message(backend, &msg)?;
+                    seen(&msg);
                     for m in deferred.drain(..) {
                         send_message(backend, &m)?;
+                        seen(&m);
                     }
                 }
                 Action::ForwardAndDiscard => {
                     deferred.clear();
                     send_message(backend, &msg)?;
+                    seen(&msg);
                 }
             }
         }

@@ -16,6 +16,9 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNGETFEATURES: libc::c_ulong = 0x8004_54cf;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -122,10 +125,16 @@ pub fn validate_ifname(name: &str) -> Result<(), TapError> {
 }
 
 /// A tap interface with one non-blocking queue descriptor per queue pair.
+///
+/// Queue 0 is always attached. The others are attached only while the guest has their queue
+/// pair enabled ([`Tap::set_queue_enabled`]): the kernel spreads flows over the attached queues,
+/// and a frame hashed to the queue of a pair nobody reads would sit there until the kernel
+/// dropped it.
 #[derive(Debug)]
 pub struct Tap {
     name: String,
     queues: Vec<File>,
+    attached: std::sync::Mutex<Vec<bool>>,
 }
 
 impl Tap {
@@ -174,13 +183,16 @@ impl Tap {
             }
             queues.push(file);
         }
+        let n = queues.len();
         let tap = Tap {
             name: name.to_string(),
             queues,
+            attached: std::sync::Mutex::new(vec![true; n]),
         };
         tap.set_vnet_hdr_len(12)?;
         tap.set_offload(0)?;
         tap.set_up()?;
+        tap.detach_extra_queues()?;
         Ok(tap)
     }
 
@@ -205,7 +217,8 @@ impl Tap {
         req: libc::c_ulong,
         arg: libc::c_ulong,
     ) -> Result<(), TapError> {
-        for q in &self.queues {
+        // Device-wide settings: queue 0 is always attached (a detached queue answers EBADFD).
+        if let Some(q) = self.queues.first() {
             // SAFETY: these tun ioctls take an integer argument (by value or by pointer as noted
             // by the caller) and touch no other memory.
             let rc = unsafe { libc::ioctl(q.as_raw_fd(), req, arg) };
@@ -222,7 +235,8 @@ impl Tap {
 
     /// Sets the virtio-net header length the kernel reads and writes (10 or 12).
     pub fn set_vnet_hdr_len(&self, len: i32) -> Result<(), TapError> {
-        for q in &self.queues {
+        // Device-wide, like the offloads: set through queue 0, which is always attached.
+        if let Some(q) = self.queues.first() {
             let v: libc::c_int = len;
             // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer.
             let rc = unsafe { libc::ioctl(q.as_raw_fd(), TUNSETVNETHDRSZ, &v) };
@@ -235,6 +249,50 @@ impl Tap {
             }
         }
         Ok(())
+    }
+
+    /// Attaches (`enabled`) or detaches queue `i` from the interface, following whether the
+    /// guest has queue pair `i` enabled. Queue 0 stays attached; unknown queues are ignored.
+    pub fn set_queue_enabled(&self, i: usize, enabled: bool) -> Result<(), TapError> {
+        if i == 0 || i >= self.queues.len() {
+            return Ok(());
+        }
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        if attached[i] == enabled {
+            return Ok(());
+        }
+        let mut req = IfReqFlags::new("");
+        req.flags = if enabled {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        // SAFETY: TUNSETQUEUE reads the flags of an ifreq, which `req` is laid out as.
+        let rc = unsafe { libc::ioctl(self.queues[i].as_raw_fd(), TUNSETQUEUE, &mut req) };
+        if rc < 0 {
+            return Err(TapError::Ioctl {
+                name: self.name.clone(),
+                what: "TUNSETQUEUE",
+                source: io::Error::last_os_error(),
+            });
+        }
+        attached[i] = enabled;
+        Ok(())
+    }
+
+    /// Detaches every queue but 0: the state of a device no guest has enabled a pair of yet.
+    pub fn detach_extra_queues(&self) -> Result<(), TapError> {
+        (1..self.queues.len()).try_for_each(|i| self.set_queue_enabled(i, false))
+    }
+
+    /// Whether queue `i` is attached.
+    pub fn queue_attached(&self, i: usize) -> bool {
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(i)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Sets which offloads the kernel may use in frames it hands us (`TUN_F_*`).

@@ -122,3 +122,59 @@ fn twenty_reconnects_leak_no_fds_or_threads() {
     // The socket is still served.
     assert!(UnixStream::connect(&sock).is_ok());
 }
+
+/// An IPv4/UDP frame from `sport`, tagged so the test can find it among the kernel's own frames.
+fn udp_frame(sport: u16) -> Vec<u8> {
+    let mut f = vec![
+        0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc,
+    ];
+    f.extend_from_slice(&[0x08, 0x00]);
+    let payload = format!("vnb-mq-{sport:05}");
+    let total = (20 + 8 + payload.len()) as u16;
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[10, 77, 9, 1, 10, 77, 9, 2]);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&9u16.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload.as_bytes());
+    f
+}
+
+#[test]
+fn flows_for_a_pair_the_guest_did_not_enable_reach_the_enabled_one() {
+    // A two-pair device whose guest enables only pair 0 (a one-vCPU Linux guest does exactly
+    // that): the kernel must not hash any flow to the tap queue of pair 1, which nobody reads.
+    let _ns = Netns::enter("mq");
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot_mq("mq", "vnbmq0", &sock, 2);
+    let pkt = PacketSocket::bind("vnbmq0");
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&sock, 4).unwrap(), &mem, true);
+    g.post_rx(0, 128, 2048);
+    std::thread::sleep(Duration::from_millis(100));
+    let frames: Vec<Vec<u8>> = (0..32u16).map(|i| udp_frame(20_000 + 97 * i)).collect();
+    for f in &frames {
+        pkt.send(f);
+    }
+    let end = Instant::now() + T;
+    let missing = loop {
+        let got: Vec<Vec<u8>> = g
+            .used(0)
+            .into_iter()
+            .map(|(id, len)| g.rx_buf(id as u16, len as usize)[12..].to_vec())
+            .collect();
+        let missing = frames.iter().filter(|f| !got.contains(f)).count();
+        if missing == 0 || Instant::now() > end {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        missing, 0,
+        "{missing} of 32 flows never reached the enabled queue pair (hashed to a detached one?)"
+    );
+    assert_eq!(slot.metrics().queues[1].rx_packets.load(Relaxed), 0);
+}
