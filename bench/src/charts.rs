@@ -38,6 +38,15 @@ fn register_font() -> Result<(), String> {
     .clone()
 }
 
+/// What energy charts say when the campaign's energy is the CPU-time estimate, not a meter.
+fn estimate_tag(c: &Campaign) -> &'static str {
+    if c.machine.power.contains("estimate") {
+        " — ESTIMATE (CPU-time model, not measured)"
+    } else {
+        ""
+    }
+}
+
 fn slug(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -69,8 +78,16 @@ where
         .max(1e-9)
         * 1.15;
     let n = rows.len() as u32;
+    let energy = m.title.contains("watts") || m.title.contains("joules") || m.title.contains("J/");
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{workload}: {}", m.title), ("sans-serif", 22))
+        .caption(
+            format!(
+                "{workload}: {}{}",
+                m.title,
+                if energy { estimate_tag(c) } else { "" }
+            ),
+            ("sans-serif", 22),
+        )
         .margin(12)
         .x_label_area_size(60)
         .y_label_area_size(70)
@@ -140,7 +157,10 @@ where
     let xmin = pts.iter().map(|p| p.2).fold(f64::MAX, f64::min).min(xmax) * 0.9;
     let ymax = pts.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9) * 1.15;
     let mut chart = ChartBuilder::on(&root)
-        .caption("rr: p99 RTT against energy per run", ("sans-serif", 22))
+        .caption(
+            format!("rr: p99 RTT against energy per run{}", estimate_tag(c)),
+            ("sans-serif", 22),
+        )
         .margin(12)
         .x_label_area_size(50)
         .y_label_area_size(70)
@@ -148,7 +168,11 @@ where
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("joules per run")
+        .x_desc(if estimate_tag(c).is_empty() {
+            "joules per run"
+        } else {
+            "joules per run (estimated from CPU time)"
+        })
         .y_desc("p99 RTT (ms)")
         .label_style(("sans-serif", 13))
         .draw()

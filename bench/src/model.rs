@@ -248,11 +248,50 @@ pub struct Campaign {
     pub duration_s: u32,
     /// Every run.
     pub runs: Vec<RunResult>,
+    /// Stopped early (Ctrl-C): the runs are those finished before.
+    #[serde(default)]
+    pub interrupted: bool,
+}
+
+/// `args` as one shell command line that pastes back: arguments with anything but safe
+/// characters are single-quoted.
+pub fn shell_command(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            let safe = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_./:=,@%+-".contains(c));
+            if safe {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_command_quotes_what_needs_it() {
+        let args: Vec<String> = [
+            "vnb-bench",
+            "--external",
+            "dpdk=testpmd --vdev x,path={socket}",
+            "it's",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            shell_command(&args),
+            "vnb-bench --external 'dpdk=testpmd --vdev x,path={socket}' 'it'\\''s' ''"
+        );
+    }
 
     #[test]
     fn names_parse_and_print() {

@@ -152,6 +152,13 @@ pub fn csv(c: &Campaign) -> String {
 pub fn markdown(c: &Campaign) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "# vnb-bench report\n");
+    if c.interrupted {
+        let _ = writeln!(
+            o,
+            "**Interrupted**: this campaign was stopped early; only the {} runs finished before are reported.\n",
+            c.runs.len()
+        );
+    }
     let _ = writeln!(o, "Rerun with:\n\n```\n{}\n```\n", c.command);
     let m = &c.machine;
     let _ = writeln!(
@@ -322,6 +329,7 @@ mod tests {
             workloads: vec!["iperf-rx".into()],
             reps: 2,
             duration_s: 2,
+            interrupted: false,
             runs: vec![
                 run("off", "iperf-rx", 1, 1000.0, 8000.0),
                 run("off", "iperf-rx", 2, 1100.0, 8200.0),

@@ -46,7 +46,9 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     workloads: Vec<String>,
-    /// Configurations: off, fixed:US, adaptive:US (ours), qemu-tap, qemu-tap-txtimer (peers).
+    /// Configurations: off, fixed:US, adaptive:US (ours), qemu-tap, qemu-tap-txtimer (peers);
+    /// `sweep` stands for DESIGN.md's sweep: off, fixed and adaptive at 100, 250, 500 and
+    /// 1000 µs, and both QEMU peers.
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     modes: Vec<String>,
@@ -120,10 +122,25 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
             .map(|m| m.parse().unwrap())
             .collect()
     } else {
-        a.modes
-            .iter()
-            .map(|m| m.parse())
-            .collect::<Result<_, _>>()?
+        let mut names: Vec<String> = Vec::new();
+        for m in &a.modes {
+            if m == "sweep" {
+                names.push("off".into());
+                for kind in ["fixed", "adaptive"] {
+                    names.extend(
+                        [100, 250, 500, 1000]
+                            .iter()
+                            .map(|us| format!("{kind}:{us}")),
+                    );
+                }
+                names.extend(["qemu-tap".into(), "qemu-tap-txtimer".into()]);
+            } else {
+                names.push(m.clone());
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
+        names.iter().map(|m| m.parse()).collect::<Result<_, _>>()?
     };
     for e in &a.external {
         configs.push(Backend::external(e)?);
@@ -154,7 +171,7 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
         repo: repo(),
         vnb_bin: vnb,
         power_source: a.power_source.unwrap_or_else(|| "auto".into()),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: bench::model::shell_command(&std::env::args().collect::<Vec<_>>()),
         scratch: scratch.clone(),
     };
     let result = run(&opts, &stop);
@@ -163,6 +180,13 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
     report::write_all(&camp, &out)?;
     println!("{}", report::markdown(&camp));
     println!("report: {}", out.join("report.md").display());
+    if camp.interrupted {
+        return Err(format!(
+            "interrupted after {} runs; the partial report is in {}",
+            camp.runs.len(),
+            out.display()
+        ));
+    }
     Ok(())
 }
 
