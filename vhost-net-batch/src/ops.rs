@@ -317,15 +317,27 @@ impl prometheus_client::collector::Collector for Collector {
             })
             .collect();
         type Gauge = fn(&crate::policy::PolicyView) -> f64;
-        let gauges: [(&str, &str, Gauge); 7] = [
+        let gauges: [(&str, &str, Gauge); 9] = [
             (
                 "vnb_rx_delay_us",
-                "Current RX interrupt delay b_r (µs)",
+                "Configured RX interrupt delay b_r (µs), before the rate floor",
                 |v| v.rx_delay_us as f64,
             ),
-            ("vnb_tx_delay_us", "Current TX kick delay b_s (µs)", |v| {
-                v.tx_delay_us as f64
-            }),
+            (
+                "vnb_tx_delay_us",
+                "Configured TX kick delay b_s (µs), before the rate floor",
+                |v| v.tx_delay_us as f64,
+            ),
+            (
+                "vnb_applied_rx_delay_us",
+                "RX interrupt delay in effect now (µs): 0 under the rate floor",
+                |v| v.applied_rx_delay_us as f64,
+            ),
+            (
+                "vnb_applied_tx_delay_us",
+                "TX kick delay in effect now (µs): 0 under the rate floor",
+                |v| v.applied_tx_delay_us as f64,
+            ),
             ("vnb_send_ratio", "EWMA of the guest's send share p*", |v| {
                 v.send_ratio
             }),
@@ -398,6 +410,19 @@ impl prometheus_client::collector::Collector for Collector {
             for (vm, _, c, _, _) in &views {
                 let l = [("vm", vm.as_str())];
                 ConstCounter::new(f(c)).encode(m.encode_family(&l)?)?;
+            }
+        }
+        {
+            // The fourth safety valve: rate windows below the packet-rate floor (no delay).
+            let mut m = enc.encode_descriptor(
+                "vnb_rate_floor_windows",
+                "Rate windows below the packet-rate floor, in which nothing was delayed",
+                None,
+                MetricType::Counter,
+            )?;
+            for (vm, v, _, _, _) in &views {
+                let l = [("vm", vm.as_str())];
+                ConstCounter::new(v.floor_windows).encode(m.encode_family(&l)?)?;
             }
         }
         if views.iter().any(|v| v.3.is_some()) {

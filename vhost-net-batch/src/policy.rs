@@ -319,6 +319,10 @@ pub struct PolicyView {
     pub updates: u64,
     /// Rate windows in which the floor held the delays at zero.
     pub floor_windows: u64,
+    /// RX delay in effect now, µs (after the rate floor and the one-packet-per-period rule).
+    pub applied_rx_delay_us: u32,
+    /// TX delay in effect now, µs (likewise).
+    pub applied_tx_delay_us: u32,
 }
 
 impl Policy {
@@ -500,6 +504,8 @@ impl Policy {
             rx_pps: self.rates.1,
             updates: self.updates,
             floor_windows: self.floor_windows,
+            applied_rx_delay_us: (self.delays().rx_ns / 1000) as u32,
+            applied_tx_delay_us: (self.delays().tx_ns / 1000) as u32,
         }
     }
 }
