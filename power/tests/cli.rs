@@ -154,7 +154,13 @@ fn sample_estimate_works_here() {
         "{joules} J / {watts} W"
     );
     let head = text.lines().nth(1).unwrap();
-    assert!(head.starts_with("sample: 1.0"), "{head}");
+    // The measured duration: 1 s plus however late this busy machine woke the sampler.
+    let secs: f64 = head
+        .strip_prefix("sample: ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.trim_end_matches('s').parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {head:?}"));
+    assert!((1.0..1.5).contains(&secs), "{head}");
 }
 
 #[test]

@@ -210,7 +210,13 @@ fn meter_over_the_estimate_uses_its_idle_watts_as_base() {
     assert_eq!(h.kind(), power::Kind::Estimate);
     assert_eq!(h.base_watts(), 25.0);
     h.register_vm("only", VmTasks::new().with_process(1));
-    thread::sleep(Duration::from_millis(150)); // a few periods run by the meter thread
+    // A few periods run by the meter thread (waited for, not assumed, on a busy machine);
+    // then the meter stops, so status and energy are read from the same, final state.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while h.status().periods < 2 && std::time::Instant::now() < end {
+        thread::sleep(Duration::from_millis(30));
+    }
+    drop(meter);
     let st = h.status();
     assert!(st.periods >= 2, "{st:?}");
     let e = h.energy("only").unwrap();
@@ -221,7 +227,6 @@ fn meter_over_the_estimate_uses_its_idle_watts_as_base() {
         "{e:?} {st:?}"
     );
     assert!((st.accounted_joules - 25.0 * st.accounted_seconds).abs() < 1e-6);
-    drop(meter);
 }
 
 #[test]
@@ -261,9 +266,16 @@ fn real_threads_cpu_time_from_proc() {
     acct.add_vm("t2", VmTasks::new().with_thread(pid, t2));
     let start1 = task_cpu_ticks(proc_root, Task::Thread { pid, tid: t1 }).unwrap();
     let start2 = task_cpu_ticks(proc_root, Task::Thread { pid, tid: t2 }).unwrap();
+    // At least 5 ticks (50 ms) of CPU for the busy thread: 300 ms on a quiet machine, longer
+    // when other work shares the cores.
+    let ticks = |tid, start| task_cpu_ticks(proc_root, Task::Thread { pid, tid }).unwrap() - start;
     thread::sleep(Duration::from_millis(300));
-    let d1 = task_cpu_ticks(proc_root, Task::Thread { pid, tid: t1 }).unwrap() - start1;
-    let d2 = task_cpu_ticks(proc_root, Task::Thread { pid, tid: t2 }).unwrap() - start2;
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while ticks(t1, start1).max(ticks(t2, start2)) < 5 && std::time::Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let d1 = ticks(t1, start1);
+    let d2 = ticks(t2, start2);
     acct.account(1.0, 0.0);
     stop.store(true, Ordering::Relaxed);
     busy.join().unwrap();
