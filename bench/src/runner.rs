@@ -171,8 +171,11 @@ struct Snap {
 /// that fails is an error for the whole campaign (nothing would be comparable).
 pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign, String> {
     let kind: power::source::SourceKind = opts.power_source.parse()?;
-    let sources = power::source::open_sources(&[kind], &power::source::SourceOptions::default())
-        .map_err(|e| format!("power source: {e}"))?;
+    let sources = power::source::open_sources(
+        &[kind],
+        &power::source::SourceOptions::from_env().map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("power source: {e}"))?;
     let sampler = power::Sampler::start(
         sources,
         power::SamplerConfig::every(Duration::from_millis(100)),

@@ -215,6 +215,33 @@ pub struct SourceOptions {
     pub probe_window: Duration,
 }
 
+impl SourceOptions {
+    /// The defaults, with the estimate's model and the wall sources taken from the environment
+    /// variables `vnb-power` also reads: `VNB_IDLE_WATTS`, `VNB_WATTS_PER_CORE`,
+    /// `VNB_METER_CMD` and `VNB_IPMITOOL`.
+    pub fn from_env() -> Result<Self, PowerError> {
+        let mut o = SourceOptions::default();
+        let watts = |var: &str, default: f64| -> Result<f64, PowerError> {
+            match std::env::var(var) {
+                Ok(v) => v.trim().parse::<f64>().map_err(|_| {
+                    PowerError::Config(format!("{var}={v:?} is not a number of watts"))
+                }),
+                Err(_) => Ok(default),
+            }
+        };
+        o.model.idle_watts = watts("VNB_IDLE_WATTS", o.model.idle_watts)?;
+        o.model.watts_per_busy_core = watts("VNB_WATTS_PER_CORE", o.model.watts_per_busy_core)?;
+        o.model.validate()?;
+        if let Ok(cmd) = std::env::var("VNB_METER_CMD") {
+            o.meter_command = Some(cmd);
+        }
+        if let Ok(cmd) = std::env::var("VNB_IPMITOOL") {
+            o.ipmitool = cmd;
+        }
+        Ok(o)
+    }
+}
+
 impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {

@@ -119,6 +119,20 @@ struct ServeArgs {
     /// How often energy is apportioned to VMs, in ms.
     #[arg(long, default_value_t = 1000)]
     power_period_ms: u64,
+    /// Idle (base) watts of the power source, split evenly over the VMs; the rest is split by
+    /// CPU time. Default: the estimate's idle watts, 0 for a measured source (measure it with
+    /// `vnb-power sample` on the idle host).
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    power_base_watts: Option<f64>,
+    /// ESTIMATE model: idle watts (also VNB_IDLE_WATTS; default 40).
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    power_idle_watts: Option<f64>,
+    /// ESTIMATE model: watts per fully busy logical CPU (also VNB_WATTS_PER_CORE; default 5).
+    #[arg(long, value_name = "W", allow_negative_numbers = true)]
+    power_watts_per_core: Option<f64>,
+    /// Wall-power `meter` source: a shell command printing watts (also VNB_METER_CMD).
+    #[arg(long, value_name = "CMD")]
+    power_meter_cmd: Option<String>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, default_value = "info", env = "VNB_LOG")]
     log: String,
@@ -150,14 +164,33 @@ fn vms_from(args: &ServeArgs) -> Result<Vec<VmConfig>, String> {
 }
 
 /// Starts the power sampler and the per-VM energy meter.
-fn start_meter(kind: &str, period_ms: u64) -> Result<power::VmEnergyMeter, String> {
+fn start_meter(kind: &str, args: &ServeArgs) -> Result<power::VmEnergyMeter, String> {
+    let period_ms = args.power_period_ms;
     let kind: power::source::SourceKind = kind
         .parse()
         .map_err(|e: String| format!("--power-source: {e}"))?;
     if period_ms == 0 {
         return Err("--power-period-ms must be > 0".into());
     }
-    let opts = power::source::SourceOptions::default();
+    let watts = |flag: &str, v: Option<f64>| -> Result<Option<f64>, String> {
+        match v {
+            Some(w) if !w.is_finite() || w < 0.0 => Err(format!(
+                "{flag} must be a finite number of watts >= 0, got {w}"
+            )),
+            _ => Ok(v),
+        }
+    };
+    let base_watts = watts("--power-base-watts", args.power_base_watts)?;
+    let mut opts = power::source::SourceOptions::from_env().map_err(|e| e.to_string())?;
+    if let Some(w) = watts("--power-idle-watts", args.power_idle_watts)? {
+        opts.model.idle_watts = w;
+    }
+    if let Some(w) = watts("--power-watts-per-core", args.power_watts_per_core)? {
+        opts.model.watts_per_busy_core = w;
+    }
+    if let Some(cmd) = &args.power_meter_cmd {
+        opts.meter_command = Some(cmd.clone());
+    }
     let sources =
         power::source::open_sources(&[kind], &opts).map_err(|e| format!("--power-source: {e}"))?;
     let sampler = power::Sampler::start(
@@ -171,6 +204,7 @@ fn start_meter(kind: &str, period_ms: u64) -> Result<power::VmEnergyMeter, Strin
         sampler,
         power::MeterConfig {
             period: std::time::Duration::from_millis(period_ms),
+            base_watts,
             ..Default::default()
         },
     )
@@ -182,7 +216,7 @@ fn start_meter(kind: &str, period_ms: u64) -> Result<power::VmEnergyMeter, Strin
 fn serve(args: ServeArgs) -> Result<(), String> {
     let vms = vms_from(&args)?;
     let meter = match &args.power_source {
-        Some(kind) => Some(start_meter(kind, args.power_period_ms)?),
+        Some(kind) => Some(start_meter(kind, &args)?),
         None => None,
     };
     // Open every VM first: a bad one stops the start-up, before anything serves.

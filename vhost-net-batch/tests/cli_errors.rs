@@ -111,6 +111,14 @@ fn bad_arguments_and_config_are_rejected() {
         (&["--alpha", "1.0"][..], "alpha"),
         (&["--update-ms", "1"][..], "update interval"),
         (&["--power-source", "bogus"][..], "unknown source"),
+        (
+            &["--power-source", "estimate", "--power-idle-watts", "-3"][..],
+            "--power-idle-watts must be a finite number of watts",
+        ),
+        (
+            &["--power-source", "estimate", "--power-base-watts", "NaN"][..],
+            "--power-base-watts must be a finite number of watts",
+        ),
     ] {
         let mut args = one.to_vec();
         args.extend_from_slice(extra);
