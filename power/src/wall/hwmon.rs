@@ -156,6 +156,19 @@ impl Hwmon {
                 sensors.push(Sensor { path, acc });
             }
         }
+        // ACPI's power_meter reads the whole system at the wall; PSU input sensors (PMBus `pin`)
+        // read the same power from the other side. With both, the total is the meter's alone
+        // (the PSU sensors stay visible as their own domains).
+        if domains
+            .iter()
+            .any(|d| d.in_total && d.name.starts_with("power_meter-"))
+        {
+            for d in &mut domains {
+                if !d.name.starts_with("power_meter-") {
+                    d.in_total = false;
+                }
+            }
+        }
         if sensors.is_empty() {
             return Err(PowerError::not_present(
                 NAME,
