@@ -210,8 +210,25 @@ pub struct RunResult {
     pub joules_per_gb: Option<f64>,
     /// `measurement` or `estimate`.
     pub energy_kind: String,
+    /// Joules and mean watts of every domain of every power source over the run (the
+    /// headline `joules`/`watts` are the primary source's total).
+    #[serde(default)]
+    pub domains: Vec<DomainFigure>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
+}
+
+/// One power domain's figures over a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DomainFigure {
+    /// `source/domain`, e.g. `powercap/package-0` or `estimate/cpu-estimate`.
+    pub name: String,
+    /// Joules over the run.
+    pub joules: f64,
+    /// Mean watts over the run.
+    pub watts: f64,
+    /// Whether the domain is part of its source's total.
+    pub in_total: bool,
 }
 
 /// The machine a campaign ran on.

@@ -128,6 +128,7 @@ pub fn csv(c: &Campaign) -> String {
         "watts",
         "joules_per_gb",
         "energy_kind",
+        "domains",
         "error",
     ];
     let mut out = cols.join(",");
@@ -137,6 +138,15 @@ pub fn csv(c: &Campaign) -> String {
         let row: Vec<String> = cols
             .iter()
             .map(|k| match &v[*k] {
+                // Per-domain energy as one field: `name=joules J;…`.
+                _ if *k == "domains" => format!(
+                    "\"{}\"",
+                    r.domains
+                        .iter()
+                        .map(|d| format!("{}={:.3} J", d.name, d.joules))
+                        .collect::<Vec<_>>()
+                        .join(";")
+                ),
                 serde_json::Value::Null => String::new(),
                 serde_json::Value::String(s) => format!("\"{}\"", s.replace('"', "\"\"")),
                 other => other.to_string(),

@@ -486,7 +486,14 @@ fn measure(
         }
         Workload::Tbench => {
             let out = sh(&mut vm.host(&["tbench", "-t", &d, "100", GUEST_IP]))?;
-            r.throughput_mbps = Some(parse::tbench_mbs(&out)? * 8.0 * 1.048_576);
+            let mbs = parse::tbench_mbs(&out)?;
+            if mbs <= 0.0 {
+                return Err(format!(
+                    "tbench finished no operation in {d} s (100 clients on a TCG guest need a \
+                     few seconds to start: use a longer --duration)"
+                ));
+            }
+            r.throughput_mbps = Some(mbs * 8.0 * 1.048_576);
         }
         Workload::Rr => {
             let count = (opts.duration * 100).to_string();
@@ -506,6 +513,18 @@ fn measure(
     r.seconds = secs;
     r.joules = iv.total_joules();
     r.watts = iv.mean_watts();
+    r.domains = iv
+        .sources
+        .iter()
+        .flat_map(|s| {
+            s.domains.iter().map(move |d| crate::model::DomainFigure {
+                name: format!("{}/{}", s.source, d.domain),
+                joules: d.joules,
+                watts: d.mean_watts,
+                in_total: d.in_total,
+            })
+        })
+        .collect();
     if let (Some(mbps), None) = (r.throughput_mbps, bytes) {
         bytes = Some(mbps * 1e6 / 8.0 * secs);
     }

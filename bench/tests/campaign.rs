@@ -47,7 +47,7 @@ fn quick_campaign_produces_a_complete_sane_report() {
             "--modes",
             "off,adaptive:1000",
             "--workloads",
-            "iperf-rx,rr",
+            "iperf-rx,http,tbench,rr",
             "--reps",
             "1",
             "--duration",
@@ -68,18 +68,25 @@ fn quick_campaign_produces_a_complete_sane_report() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "vnb-bench failed:\n{stderr}");
-    assert!(stderr.contains("[9/9]"), "progress lines: {stderr}");
+    assert!(stderr.contains("[15/15]"), "progress lines: {stderr}");
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let runs = json["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 9, "3 configurations × (idle + 2 workloads)");
+    assert_eq!(runs.len(), 15, "3 configurations × (idle + 4 workloads)");
     for r in runs {
         let what = format!("{} / {}", r["config"], r["workload"]);
         assert!(r["error"].is_null(), "{what}: {}", r["error"]);
         assert!(r["qemu_cpu_s"].as_f64().unwrap() > 0.0, "{what}");
         assert!(r["watts"].as_f64().unwrap() > 0.0, "{what}");
         assert_eq!(r["energy_kind"], "estimate");
+        let domains = r["domains"].as_array().unwrap();
+        assert!(
+            domains.iter().any(
+                |d| d["name"] == "estimate/cpu-estimate" && d["joules"].as_f64().unwrap() > 0.0
+            ),
+            "{what}: per-domain energy {domains:?}"
+        );
         let packets = r["guest_packets"].as_u64().unwrap();
         let irq = r["guest_irqs_per_s"].as_f64().unwrap() * r["seconds"].as_f64().unwrap();
         if r["workload"] != "idle" {
@@ -97,6 +104,9 @@ fn quick_campaign_produces_a_complete_sane_report() {
         }
         match r["workload"].as_str().unwrap() {
             "iperf-rx" => assert!(r["throughput_mbps"].as_f64().unwrap() > 10.0, "{what}"),
+            // 100 clients x 20 MB: in 2 s no download finishes; the bytes moved count.
+            "http" => assert!(r["throughput_mbps"].as_f64().unwrap() > 1.0, "{what}"),
+            "tbench" => assert!(r["throughput_mbps"].as_f64().unwrap() > 0.0, "{what}"),
             "rr" => {
                 let p50 = r["rtt_p50_ms"].as_f64().unwrap();
                 let p99 = r["rtt_p99_ms"].as_f64().unwrap();
@@ -111,6 +121,9 @@ fn quick_campaign_produces_a_complete_sane_report() {
         "## idle",
         "## iperf-rx",
         "## rr",
+        "## http",
+        "## tbench",
+        "requests/s",
         "| off |",
         "| adaptive:1000 |",
         "| ext:self |",
@@ -142,7 +155,16 @@ fn quick_campaign_produces_a_complete_sane_report() {
         }
     }
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 10);
+    assert_eq!(csv.lines().count(), 16);
+    assert!(csv.lines().next().unwrap().contains(",domains,"));
+    // The rerun command pastes back: the external template is one quoted word.
+    assert!(md.contains("--external 'self="), "{md}");
+    // Energy charts say the energy is an estimate.
+    let svg = std::fs::read_to_string(out.join("charts/iperf-rx-watts.svg")).unwrap();
+    assert!(
+        svg.contains("ESTIMATE"),
+        "the watts chart does not say ESTIMATE"
+    );
     // `report` rewrites the same report from results.json.
     std::fs::remove_file(out.join("report.md")).unwrap();
     let rep = Command::new(&exe).arg("report").arg(&out).status().unwrap();

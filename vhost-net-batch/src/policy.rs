@@ -249,8 +249,9 @@ pub enum Valve {
     UsedEvent,
 }
 
-/// True when the guest's `used_event` lies strictly after the first new entry of a batch that
-/// moved the used index from `old` to `new`, and the batch reached it.
+/// True when the guest's `used_event` lies strictly after `old` and the used index moved past
+/// it (from `old` to `new`). The device passes as `old` the used index at its last RX flush,
+/// so a request is seen whichever step crosses it.
 ///
 /// A driver re-enabling interrupts normally sets `used_event` to the index it will read next
 /// (the first new entry): that is the interrupt we defer. A `used_event` further ahead means the

@@ -149,7 +149,17 @@ pub struct Guest<'a> {
 impl<'a> Guest<'a> {
     /// Negotiates and sets up rings over `fe` (an already connected frontend). When
     /// `negotiate` is false the caller already did GET/SET_FEATURES and protocol features.
-    pub fn setup(mut fe: Frontend, mem: &'a GuestMemoryMmap<()>, negotiate: bool) -> Self {
+    pub fn setup(fe: Frontend, mem: &'a GuestMemoryMmap<()>, negotiate: bool) -> Self {
+        Self::setup_features(fe, mem, negotiate, test_features())
+    }
+
+    /// As [`Guest::setup`], acking `features` (e.g. [`test_features`] plus RING_EVENT_IDX).
+    pub fn setup_features(
+        mut fe: Frontend,
+        mem: &'a GuestMemoryMmap<()>,
+        negotiate: bool,
+        features: u64,
+    ) -> Self {
         if negotiate {
             fe.set_owner().unwrap();
             let offered = fe.get_features().unwrap();
@@ -169,7 +179,7 @@ impl<'a> Guest<'a> {
             // The frontend object only acks what it saw offered (QEMU re-reads features too).
             fe.get_features().unwrap();
         }
-        fe.set_features(test_features()).unwrap();
+        fe.set_features(features).unwrap();
         let region = mem.iter().next().unwrap();
         let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
         fe.set_mem_table(&[info]).unwrap();
@@ -277,6 +287,41 @@ impl<'a> Guest<'a> {
             self.tx.used_addr()
         };
         self.mem.read_obj(base).unwrap()
+    }
+
+    /// EVENT_IDX: the device's `avail_event` of queue `q` (the avail index it wants a kick at).
+    pub fn avail_event(&self, q: usize) -> u16 {
+        let used = if q == 0 {
+            self.rx.used_addr()
+        } else {
+            self.tx.used_addr()
+        };
+        self.mem
+            .read_obj(GuestAddress(used.0 + 4 + 8 * QSIZE as u64))
+            .unwrap()
+    }
+
+    /// The avail index of queue `q` (what the guest has published).
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        let avail = if q == 0 {
+            self.rx.avail_addr()
+        } else {
+            self.tx.avail_addr()
+        };
+        self.mem.read_obj(GuestAddress(avail.0 + 2)).unwrap()
+    }
+
+    /// EVENT_IDX: sets the guest's `used_event` of queue `q` (interrupt once the used index
+    /// passes it).
+    pub fn set_used_event(&self, q: usize, ev: u16) {
+        let avail = if q == 0 {
+            self.rx.avail_addr()
+        } else {
+            self.tx.avail_addr()
+        };
+        self.mem
+            .write_obj(ev, GuestAddress(avail.0 + 4 + 2 * QSIZE as u64))
+            .unwrap();
     }
 
     /// Posts `n` RX buffers of `len` bytes starting at descriptor `first` and kicks.
