@@ -155,10 +155,22 @@ impl<'a> Guest<'a> {
 
     /// As [`Guest::setup`], acking `features` (e.g. [`test_features`] plus RING_EVENT_IDX).
     pub fn setup_features(
+        fe: Frontend,
+        mem: &'a GuestMemoryMmap<()>,
+        negotiate: bool,
+        features: u64,
+    ) -> Self {
+        Self::setup_opts(fe, mem, negotiate, features, true)
+    }
+
+    /// As [`Guest::setup_features`]; with `enable_rings` false no `SET_VRING_ENABLE` is sent
+    /// (the rings must have been enabled already, e.g. by a replayed early enable).
+    pub fn setup_opts(
         mut fe: Frontend,
         mem: &'a GuestMemoryMmap<()>,
         negotiate: bool,
         features: u64,
+        enable_rings: bool,
     ) -> Self {
         if negotiate {
             fe.set_owner().unwrap();
@@ -212,7 +224,9 @@ impl<'a> Guest<'a> {
             fe.set_vring_base(i, 0).unwrap();
             fe.set_vring_call(i, &call[i]).unwrap();
             fe.set_vring_kick(i, &kick[i]).unwrap();
-            fe.set_vring_enable(i, true).unwrap();
+            if enable_rings {
+                fe.set_vring_enable(i, true).unwrap();
+            }
         }
         Guest {
             fe,
