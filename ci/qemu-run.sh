@@ -7,6 +7,8 @@
 #                                  (QEMU runs under 'ip netns exec NS')
 # OPTIONS:
 #   --mac MAC            NIC MAC (52:54:00:12:34:56)     --queues Q     queue pairs (1; mq=on if > 1)
+#   --guest-queues G     pairs the guest turns on at boot with ethtool -L (default Q; 1 leaves
+#                        Linux's default, one pair per vCPU)
 #   --ip 10.77.N.2/24    guest eth0 address (kernel cmdline vnb.ip=)
 #   --agent SOCK         command channel socket for ci/gexec.py (virtio-serial port vnb.agent)
 #   --console-log FILE   guest console (ttyS0); QEMU's stderr goes to FILE.qemu-stderr
@@ -28,7 +30,7 @@ abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 vhost_user="" tap_netns="" tap="" vhost_net=off tx_timer=0 mac=52:54:00:12:34:56 queues=1
 ip="" agent="" console="" pidfile="" mem=512 smp=1 reconnect_ms="" vectors_opt=""
 kernel=$repo/target/guest/vmlinuz initrd=$repo/target/guest/initrd.img qemu=${QEMU:-qemu-system-x86_64}
-extra="" append=""
+extra="" append="" guest_queues=""
 [ $# -gt 0 ] || usage
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
     --vhost-net) vhost_net=$2 ;;
     --mac) mac=$2 ;;
     --queues) queues=$2 ;;
+    --guest-queues) guest_queues=$2 ;;
     --ip) ip=$2 ;;
     --agent) agent=$2 ;;
     --console-log) console=$2 ;;
@@ -105,7 +108,10 @@ vnum=$((major * 100 + minor))
 # --- command line ----------------------------------------------------------------------------
 cmdline="console=ttyS0 quiet panic=-1"
 [ -z "$ip" ] || cmdline+=" vnb.ip=$ip"
-[ "$queues" -le 1 ] || cmdline+=" vnb.mq=$queues"
+guest_queues=${guest_queues:-$queues}
+[[ "$guest_queues" =~ ^[1-9][0-9]*$ ]] && [ "$guest_queues" -le "$queues" ] ||
+  die "--guest-queues must be between 1 and --queues ($queues)"
+[ "$guest_queues" -le 1 ] || cmdline+=" vnb.mq=$guest_queues"
 [ -z "$append" ] || cmdline+=" $append"
 
 # shellcheck disable=SC2054  # commas inside QEMU option values
