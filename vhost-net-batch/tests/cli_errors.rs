@@ -258,11 +258,34 @@ fn config_file_serves_several_vms_in_one_process() {
         links.contains("vnbmva") && links.contains("vnbmvb"),
         "{links}"
     );
-    // One VM's frontend coming and going leaves the other alone.
-    drop(std::os::unix::net::UnixStream::connect(&a).unwrap());
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(std::os::unix::net::UnixStream::connect(&b).is_ok());
-    assert!(std::os::unix::net::UnixStream::connect(&a).is_ok());
+    // One VM's frontend failing leaves the other alone: b has a live frontend; a's sends a
+    // malformed message (a header claiming a 1 GiB payload) and is dropped; b still answers
+    // on its connection, and a takes a new frontend.
+    use std::io::{Read, Write};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    let mut fb = Frontend::connect(&b, 4).unwrap();
+    fb.set_owner().unwrap();
+    let features = fb.get_features().unwrap();
+    let mut bad = std::os::unix::net::UnixStream::connect(&a).unwrap();
+    bad.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&1u32.to_le_bytes()); // GET_FEATURES
+    hdr.extend_from_slice(&1u32.to_le_bytes()); // version 1
+    hdr.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    bad.write_all(&hdr).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        bad.read(&mut buf).unwrap_or(0),
+        0,
+        "a malformed message must end that VM's connection"
+    );
+    assert_eq!(fb.get_features().unwrap(), features, "VM b kept serving");
+    let mut fa = Frontend::connect(&a, 2).unwrap();
+    fa.set_owner().unwrap();
+    assert_ne!(fa.get_features().unwrap(), 0, "VM a took a new frontend");
+    drop((fa, fb));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
     assert!(p.0.wait().unwrap().success());
