@@ -262,9 +262,9 @@ fn config_file_serves_several_vms_in_one_process() {
     // malformed message (a header claiming a 1 GiB payload) and is dropped; b still answers
     // on its connection, and a takes a new frontend.
     use std::io::{Read, Write};
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::vhost_user::Frontend;
     use vhost::VhostBackend;
-    let mut fb = Frontend::connect(&b, 4).unwrap();
+    let fb = Frontend::connect(&b, 4).unwrap();
     fb.set_owner().unwrap();
     let features = fb.get_features().unwrap();
     let mut bad = std::os::unix::net::UnixStream::connect(&a).unwrap();
@@ -282,7 +282,7 @@ fn config_file_serves_several_vms_in_one_process() {
         "a malformed message must end that VM's connection"
     );
     assert_eq!(fb.get_features().unwrap(), features, "VM b kept serving");
-    let mut fa = Frontend::connect(&a, 2).unwrap();
+    let fa = Frontend::connect(&a, 2).unwrap();
     fa.set_owner().unwrap();
     assert_ne!(fa.get_features().unwrap(), 0, "VM a took a new frontend");
     drop((fa, fb));
