@@ -173,7 +173,7 @@ def wait_ready(path, seconds, pid):
             line = out.decode(errors="replace").strip()
             print(f"gexec: {line} (agent answered after {time.monotonic() - t0:.1f} s)",
                   file=sys.stderr)
-            return
+            return line
         except Gone as e:
             # QEMU restarting or the connection dropped: retry until the deadline, unless we
             # know QEMU is gone for good.
@@ -209,7 +209,13 @@ def main():
 
     if a.wait_ready > 0:
         try:
-            wait_ready(a.sock, a.wait_ready, a.pid)
+            line = wait_ready(a.sock, a.wait_ready, a.pid)
+            if "status=ok" not in line.split():
+                # The guest init could not set something up (a module, the address, a server):
+                # stop here rather than let a test fail later for a reason that hides this one.
+                print("gexec: the guest came up degraded; its console log has the "
+                      "VNB-GUEST-ERROR lines", file=sys.stderr)
+                return 3
         except Timeout as e:
             why = f" (last: {e})" if str(e) else ""
             print(f"gexec: the guest agent at {a.sock} did not answer within {a.wait_ready:g} s"

@@ -21,16 +21,20 @@ pub enum Workload {
     Tbench,
     /// Request/response latency: ICMP echo at a fixed rate (100/s), p50/p99.
     Rr,
+    /// The same echo while a 50 Mb/s UDP stream runs host→guest: the latency a request sees
+    /// when batching is engaged (an idle link stays under the rate floor and is never delayed).
+    RrLoad,
 }
 
 impl Workload {
     /// Every workload except the idle baseline, in report order.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::IperfTx,
         Workload::IperfRx,
         Workload::Http,
         Workload::Tbench,
         Workload::Rr,
+        Workload::RrLoad,
     ];
 
     /// The name used on the command line and in reports.
@@ -42,6 +46,7 @@ impl Workload {
             Workload::Http => "http",
             Workload::Tbench => "tbench",
             Workload::Rr => "rr",
+            Workload::RrLoad => "rr-load",
         }
     }
 }
@@ -61,7 +66,9 @@ impl FromStr for Workload {
             .chain([Workload::Idle])
             .find(|w| w.name() == s)
             .ok_or_else(|| {
-                format!("unknown workload {s:?}: use iperf-tx, iperf-rx, http, tbench or rr")
+                format!(
+                    "unknown workload {s:?}: use iperf-tx, iperf-rx, http, tbench, rr or rr-load"
+                )
             })
     }
 }

@@ -495,6 +495,37 @@ fn measure(
             }
             r.throughput_mbps = Some(mbs * 8.0 * 1.048_576);
         }
+        Workload::RrLoad => {
+            let secs = (opts.duration + 2).to_string();
+            let load = vm
+                .host(&[
+                    "iperf3", "-c", GUEST_IP, "-u", "-b", "50M", "-l", "1400", "-t", &secs, "-J",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("iperf3: {e}"))?;
+            std::thread::sleep(Duration::from_secs(1));
+            let count = (opts.duration * 100).to_string();
+            let ping = sh(&mut vm.host(&["ping", "-c", &count, "-i", "0.01", "-W", "1", GUEST_IP]));
+            let out = load
+                .wait_with_output()
+                .map_err(|e| format!("iperf3: {e}"))?;
+            let ping = ping?;
+            if !out.status.success() {
+                return Err(format!(
+                    "background iperf3 failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            r.throughput_mbps = Some(parse::iperf3_mbps(&String::from_utf8_lossy(&out.stdout))?);
+            let rtts = parse::ping_rtts_ms(&ping);
+            if rtts.is_empty() {
+                return Err("no ping replies under load".into());
+            }
+            r.rtt_p50_ms = percentile(&rtts, 50.0);
+            r.rtt_p99_ms = percentile(&rtts, 99.0);
+        }
         Workload::Rr => {
             let count = (opts.duration * 100).to_string();
             let out = sh(&mut vm.host(&["ping", "-c", &count, "-i", "0.01", "-W", "1", GUEST_IP]))?;

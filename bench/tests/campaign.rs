@@ -47,7 +47,7 @@ fn quick_campaign_produces_a_complete_sane_report() {
             "--modes",
             "off,adaptive:1000",
             "--workloads",
-            "iperf-rx,http,tbench,rr",
+            "iperf-rx,http,tbench,rr,rr-load",
             "--reps",
             "1",
             "--duration",
@@ -68,12 +68,12 @@ fn quick_campaign_produces_a_complete_sane_report() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "vnb-bench failed:\n{stderr}");
-    assert!(stderr.contains("[15/15]"), "progress lines: {stderr}");
+    assert!(stderr.contains("[18/18]"), "progress lines: {stderr}");
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let runs = json["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 15, "3 configurations × (idle + 4 workloads)");
+    assert_eq!(runs.len(), 18, "3 configurations × (idle + 5 workloads)");
     for r in runs {
         let what = format!("{} / {}", r["config"], r["workload"]);
         assert!(r["error"].is_null(), "{what}: {}", r["error"]);
@@ -107,6 +107,12 @@ fn quick_campaign_produces_a_complete_sane_report() {
             // 100 clients x 20 MB: in 2 s no download finishes; the bytes moved count.
             "http" => assert!(r["throughput_mbps"].as_f64().unwrap() > 1.0, "{what}"),
             "tbench" => assert!(r["throughput_mbps"].as_f64().unwrap() > 0.0, "{what}"),
+            "rr-load" => {
+                assert!(r["throughput_mbps"].as_f64().unwrap() > 1.0, "{what}");
+                let p50 = r["rtt_p50_ms"].as_f64().unwrap();
+                let p99 = r["rtt_p99_ms"].as_f64().unwrap();
+                assert!(p50 > 0.0 && p99 >= p50, "{what}: {p50} {p99}");
+            }
             "rr" => {
                 let p50 = r["rtt_p50_ms"].as_f64().unwrap();
                 let p99 = r["rtt_p99_ms"].as_f64().unwrap();
@@ -123,6 +129,7 @@ fn quick_campaign_produces_a_complete_sane_report() {
         "## rr",
         "## http",
         "## tbench",
+        "## rr-load",
         "requests/s",
         "| off |",
         "| adaptive:1000 |",
@@ -155,7 +162,7 @@ fn quick_campaign_produces_a_complete_sane_report() {
         }
     }
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 16);
+    assert_eq!(csv.lines().count(), 19);
     assert!(csv.lines().next().unwrap().contains(",domains,"));
     // The rerun command pastes back: the external template is one quoted word.
     assert!(md.contains("--external 'self="), "{md}");
