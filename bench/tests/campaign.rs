@@ -51,7 +51,9 @@ fn quick_campaign_produces_a_complete_sane_report() {
             "--reps",
             "1",
             "--duration",
-            "2",
+            // tbench's 100 clients need a few seconds to start on a TCG guest: at 2 s it
+            // finishes nothing (which the runner reports as an error).
+            "5",
             "--power-source",
             "estimate",
             // Our own backend again, as an external template: exercises that path.
@@ -104,7 +106,7 @@ fn quick_campaign_produces_a_complete_sane_report() {
         }
         match r["workload"].as_str().unwrap() {
             "iperf-rx" => assert!(r["throughput_mbps"].as_f64().unwrap() > 10.0, "{what}"),
-            // 100 clients x 20 MB: in 2 s no download finishes; the bytes moved count.
+            // 100 clients x 20 MB: in 5 s few downloads finish; the bytes moved count.
             "http" => assert!(r["throughput_mbps"].as_f64().unwrap() > 1.0, "{what}"),
             "tbench" => assert!(r["throughput_mbps"].as_f64().unwrap() > 0.0, "{what}"),
             "rr-load" => {

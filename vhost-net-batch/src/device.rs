@@ -128,10 +128,6 @@ struct Worker {
     tx_timer: Timer,
     /// RX packets completed but not yet signalled.
     rx_unsignalled: u32,
-    /// The RX used index at the last flush (`None` before the first): the point a guest's
-    /// EVENT_IDX `used_event` is compared with, as the virtio rule compares it with the index
-    /// at the last interrupt.
-    rx_flushed_used: Option<u16>,
     /// Guest kicks are held off (TX buffering); `tx_timer` is armed whenever this is set.
     tx_held: bool,
     /// Consecutive TX timer drains that found the ring empty.
@@ -194,7 +190,6 @@ impl NetDevice {
                     rx_timer: Timer::new()?,
                     tx_timer: Timer::new()?,
                     rx_unsignalled: 0,
-                    rx_flushed_used: None,
                     tx_held: false,
                     tx_idle: 0,
                     tx_unsignalled: 0,
@@ -262,7 +257,6 @@ impl NetDevice {
             stats.rx_batches.observe(u64::from(w.rx_unsignalled));
             w.rx_unsignalled = 0;
         }
-        w.rx_flushed_used = Some(ring.get_queue().next_used());
         if should_notify(ring.get_queue_mut(), mem, notify_on_empty)
             && ring.signal_used_queue().is_ok()
         {
@@ -402,12 +396,8 @@ impl NetDevice {
                     } else if r.no_buffers {
                         Some(Valve::LowWater)
                     } else if q.event_idx_enabled()
-                        && used_event(q, &*mem).is_some_and(|ev| {
-                            // The guest's point counts from the last flush, not from this
-                            // step: a step ending exactly on it must not hide it.
-                            let since = w.rx_flushed_used.unwrap_or(old_used);
-                            used_event_asks(ev, since, q.next_used())
-                        })
+                        && used_event(q, &*mem)
+                            .is_some_and(|ev| used_event_asks(ev, old_used, q.next_used()))
                     {
                         Some(Valve::UsedEvent)
                     } else {

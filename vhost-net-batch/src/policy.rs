@@ -249,9 +249,17 @@ pub enum Valve {
     UsedEvent,
 }
 
-/// True when the guest's `used_event` lies strictly after `old` and the used index moved past
-/// it (from `old` to `new`). The device passes as `old` the used index at its last RX flush,
-/// so a request is seen whichever step crosses it.
+/// True when the guest's `used_event` lies strictly after the first new entry of a batch that
+/// moved the used index from `old` to `new`, and the batch reached it.
+///
+/// `old` is the used index when the batch started, not the one at the last interrupt: a guest
+/// that polls (NAPI) reads entries nobody signalled and then re-enables interrupts at its own
+/// read point, past the last interrupt; that is the normal "interrupt me next" state, the one
+/// batching defers (comparing with the last interrupt made every such re-enable a flush, which
+/// an end-to-end run showed: 4238 valve flushes, batching gone). Only a point beyond everything
+/// published so far is the guest's own batching. The one ambiguous case, a delayed point exactly
+/// at the end of the previous batch, looks like the normal state and waits for the timer (at
+/// most T).
 ///
 /// A driver re-enabling interrupts normally sets `used_event` to the index it will read next
 /// (the first new entry): that is the interrupt we defer. A `used_event` further ahead means the

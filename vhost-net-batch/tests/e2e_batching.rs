@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -84,8 +84,13 @@ struct Window {
     qemu_cpu: f64,
 }
 
-/// Runs iperf3 from the host side for 7 s; after 2.5 s of warm-up (the EWMA runs at 100 ms
-/// updates) counts guest interrupts and backend kicks over 3 s of steady state.
+/// Runs one 6 s iperf3 test from the host side and counts guest interrupts, backend kicks,
+/// packets and CPU over the whole of it, per second of traffic (iperf3's own test length).
+///
+/// The counts are read before the test and after it, with the guest at rest: a TCG guest that
+/// is saturated by the traffic answers the agent late (seconds), so reading it in the middle of
+/// the test put the window anywhere, even after the end. The EWMA (100 ms updates) settles in
+/// well under a second of the six.
 fn measure(
     ns: &ScriptNetns,
     g: &QemuGuest,
@@ -93,25 +98,38 @@ fn measure(
     ctl_sock: &Path,
     iperf: &[&str],
 ) -> Window {
-    let mut args = vec!["iperf3", "-c", GUEST_IP, "-t", "7", "-J"];
+    let at_rest = || {
+        // Wait until the backend has stopped moving packets (the guest drained its backlog).
+        let mut last = packets(ctl_sock);
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = packets(ctl_sock);
+            if now - last < 5 {
+                break;
+            }
+            last = now;
+        }
+        (
+            guest_irqs(g),
+            kicks(ctl_sock),
+            packets(ctl_sock),
+            cpu_seconds(backend),
+            cpu_seconds(g.qemu_pid),
+        )
+    };
+    let (i0, k0, p0, b0, q0) = at_rest();
+    let mut args = vec!["iperf3", "-c", GUEST_IP, "-t", "6", "-J"];
     args.extend_from_slice(iperf);
-    let child: Child = ns
-        .cmd(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
-    let (i0, k0, p0) = (guest_irqs(g), kicks(ctl_sock), packets(ctl_sock));
-    let (b0, q0) = (cpu_seconds(backend), cpu_seconds(g.qemu_pid));
-    let t0 = std::time::Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    let (i1, k1, p1) = (guest_irqs(g), kicks(ctl_sock), packets(ctl_sock));
-    let (b1, q1) = (cpu_seconds(backend), cpu_seconds(g.qemu_pid));
-    let dt = t0.elapsed().as_secs_f64();
-    let out = child.wait_with_output().unwrap();
+    let out = ns.cmd(&args).output().unwrap();
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "iperf3 {iperf:?} failed: {json}");
+    let (i1, k1, p1, b1, q1) = at_rest();
+    let v: Value = serde_json::from_str(&json).expect("iperf3 JSON");
+    let dt = v["end"]["sum"]["seconds"]
+        .as_f64()
+        .or_else(|| v["end"]["sum_received"]["seconds"].as_f64())
+        .unwrap_or(6.0)
+        .max(1.0);
     Window {
         irq_per_s: (i1 - i0) as f64 / dt,
         kick_per_s: (k1 - k0) as f64 / dt,
@@ -316,7 +334,7 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
                 let m = measure(&ns, &g, bpid, &ctl_sock, &args);
                 let s = stats(&ctl_sock);
                 lines.push(format!(
-                    "UDP 100M {dir_name:<12} {mode:<14} #{attempt} {:7.1} Mb/s  {:8.0} guest irq/s  {:8.0} kicks/s  backend {:.2} CPU-s  QEMU {:.2} CPU-s per 3 s  (rx delay {} µs, tx delay {} µs, p* {:.2})",
+                    "UDP 100M {dir_name:<12} {mode:<14} #{attempt} {:7.1} Mb/s  {:8.0} guest irq/s  {:8.0} kicks/s  backend {:.2} CPU-s  QEMU {:.2} CPU-s per test  (rx delay {} µs, tx delay {} µs, p* {:.2})",
                     m.mbps, m.irq_per_s, m.kick_per_s, m.backend_cpu, m.qemu_cpu,
                     s["policy"]["rx_delay_us"], s["policy"]["tx_delay_us"],
                     s["policy"]["send_ratio"].as_f64().unwrap_or(0.0)
@@ -339,9 +357,33 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
                 (ad.mbps / off.mbps - 1.0) * 100.0
             ));
             let mut bad = Vec::new();
-            if irq_ratio < 5.0 && irq_pkt_ratio < 5.0 {
+            // Host->guest, this TCG guest's UDP receive path saturates near 1-2 k packets/s
+            // unbatched (measured: 100 Mb/s offered, 6-23 Mb/s received, 70-95 % lost in its
+            // socket while NAPI polls with interrupts off). A 1 ms timer can only divide
+            // interrupts by the packets one period brings, so below saturation a 5x fall is
+            // impossible, and in saturation `off` takes almost no interrupts. What batching
+            // does there is give the guest its CPU back: it must then carry at least 1.5x the
+            // traffic with no more interrupts per packet. Batching that does not batch is `off`
+            // and fails this as well.
+            let saturated = !rev && off.mbps < 50.0;
+            let goodput_win = ad.mbps >= 1.5 * off.mbps && per_pkt(ad) <= per_pkt(off) * 1.1;
+            if irq_ratio < 5.0 && irq_pkt_ratio < 5.0 && !(saturated && goodput_win) {
                 bad.push(format!(
-                    "{dir_name}: guest interrupts fell only {irq_ratio:.1}x per second and {irq_pkt_ratio:.1}x per packet"
+                    "{dir_name}: guest interrupts fell only {irq_ratio:.1}x per second and {irq_pkt_ratio:.1}x per packet{}",
+                    if saturated {
+                        format!(
+                            ", and the saturated guest carried {:.1} against {:.1} Mb/s",
+                            ad.mbps, off.mbps
+                        )
+                    } else {
+                        String::new()
+                    }
+                ));
+            } else if irq_ratio < 5.0 && irq_pkt_ratio < 5.0 {
+                lines.push(format!(
+                    "  {dir_name} #{attempt}: unbatched guest saturated ({:.1} Mb/s of 100): batching carried {:.1}x the traffic",
+                    off.mbps,
+                    ad.mbps / off.mbps.max(0.1)
                 ));
             }
             // Host->guest the guest kicks only to refill RX buffers: a handful per second with
