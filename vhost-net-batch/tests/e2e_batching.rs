@@ -412,37 +412,43 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
         }
         failures.extend(last);
     }
+    // TCP bulk, within 5 % (one-sided: batching may only be faster). Single 4 s runs here vary
+    // by +-8 % between identical back-to-back runs, so each mode runs three times, interleaved,
+    // and the medians are compared; a run that moves nothing (iperf3 -R once reported an empty
+    // test in CI) is repeated once.
     for (dir_name, rev) in [("host->guest", false), ("guest->host", true)] {
-        let mut ok = false;
-        let mut last = (0.0, 0.0);
-        for attempt in 1..=3 {
-            let mut mbps = Vec::new();
-            for mode in ["off", "adaptive:1000"] {
+        let mut runs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for round in 1..=3 {
+            for (k, mode) in ["off", "adaptive:1000"].into_iter().enumerate() {
                 ctl(&ctl_sock, &["set", "vm", "--mode", mode]);
-                let mut args = vec!["-c", GUEST_IP, "-t", "4", "-J"];
+                let mut full = vec!["iperf3", "-c", GUEST_IP, "-t", "4", "-J"];
                 if rev {
-                    args.push("-R");
+                    full.push("-R");
                 }
-                let mut full = vec!["iperf3"];
-                full.extend(args);
-                let m = goodput_mbps(&run_ok(&mut ns.cmd(&full)));
+                let mut m = goodput_mbps(&run_ok(&mut ns.cmd(&full)));
+                if m < 1.0 {
+                    lines.push(format!(
+                        "TCP bulk {dir_name:<12} {mode:<14} #{round} moved nothing; again"
+                    ));
+                    m = goodput_mbps(&run_ok(&mut ns.cmd(&full)));
+                }
                 lines.push(format!(
-                    "TCP bulk {dir_name:<12} {mode:<14} #{attempt} {m:7.0} Mb/s"
+                    "TCP bulk {dir_name:<12} {mode:<14} #{round} {m:7.0} Mb/s"
                 ));
-                mbps.push(m);
-            }
-            last = (mbps[1], mbps[0]);
-            // Within 5 %, one-sided: batching may only be faster.
-            if mbps[1] >= 0.95 * mbps[0] {
-                ok = true;
-                break;
+                runs[k].push(m);
             }
         }
-        if !ok {
-            failures.push(format!(
-                "{dir_name}: TCP {:.0} vs {:.0} Mb/s",
-                last.0, last.1
-            ));
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (off, ad) = (median(&mut runs[0]), median(&mut runs[1]));
+        lines.push(format!(
+            "  TCP bulk {dir_name}: medians off {off:.0}, adaptive:1000 {ad:.0} Mb/s ({:+.1} %)",
+            (ad / off - 1.0) * 100.0
+        ));
+        if ad < 0.95 * off {
+            failures.push(format!("{dir_name}: TCP median {ad:.0} vs {off:.0} Mb/s"));
         }
     }
     // Request/response latency with an idle link: the rate floor keeps a lone ping undelayed,
