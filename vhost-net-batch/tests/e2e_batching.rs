@@ -502,6 +502,11 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
         ));
     }
     println!("{}", lines.join("\n"));
+    // Kept for the record (cargo test captures stdout of passing tests).
+    let _ = std::fs::write(
+        repo().join("target/e2e-batching-figures.txt"),
+        format!("{}\n", lines.join("\n")),
+    );
     let s = stats(&ctl_sock);
     println!(
         "valves: rx frame cap {} low water {} used_event {} tx frame cap {}; timer fires rx {} tx {}",

@@ -77,6 +77,10 @@ fn qemu_guest_ping_iperf_http_and_reattach() {
     let rx = iperf(&ns, &[]);
     let tx = iperf(&ns, &["-R"]);
     println!("iperf3 host->guest {rx:.0} Mb/s, guest->host {tx:.0} Mb/s");
+    let _ = std::fs::write(
+        repo().join("target/e2e-iperf-figures.txt"),
+        format!("iperf3 host->guest {rx:.0} Mb/s, guest->host {tx:.0} Mb/s\n"),
+    );
     assert!(
         rx > 1.0 && tx > 1.0,
         "iperf3 throughput host->guest {rx} guest->host {tx}"

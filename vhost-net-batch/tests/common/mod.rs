@@ -582,10 +582,12 @@ pub fn spawn_backend(
 ) -> Proc {
     let _ = std::fs::remove_file(sock);
     let log = std::fs::File::create(sock.with_extension("log")).unwrap();
-    let bin = env!("CARGO_BIN_EXE_vhost-net-batch");
+    // VNB_BACKEND_BIN runs another build (e.g. target/release) for figures worth quoting.
+    let bin = std::env::var("VNB_BACKEND_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_vhost-net-batch").to_string());
     let child = ns
         .cmd(&[
-            bin,
+            bin.as_str(),
             "serve",
             "--vm",
             vm,
