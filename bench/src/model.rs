@@ -277,20 +277,23 @@ pub struct Campaign {
     pub interrupted: bool,
 }
 
+/// `a` as one shell word: unchanged when it has only safe characters, else single-quoted.
+pub fn shell_quote(a: &str) -> String {
+    let safe = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_./:=,@%+-".contains(c));
+    if safe {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
 /// `args` as one shell command line that pastes back: arguments with anything but safe
 /// characters are single-quoted.
 pub fn shell_command(args: &[String]) -> String {
     args.iter()
-        .map(|a| {
-            let safe = !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_./:=,@%+-".contains(c));
-            if safe {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
+        .map(|a| shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -214,7 +214,15 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign, String
                 camp.interrupted = true;
                 return Ok(camp);
             }
-            let vm = boot(opts, cfg, ci, rep)?;
+            let vm = match boot(opts, cfg, ci, rep) {
+                Ok(vm) => vm,
+                // Interrupted while booting: report what finished.
+                Err(_) if stop.load(Ordering::Relaxed) => {
+                    camp.interrupted = true;
+                    return Ok(camp);
+                }
+                Err(e) => return Err(e),
+            };
             if camp.machine.guest_kernel.is_empty() {
                 camp.machine.guest_kernel = vm.gexec("uname -r").unwrap_or_default().trim().into();
             }
@@ -232,6 +240,11 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign, String
                 };
                 eprintln!("[{done}/{total}] {} rep {rep} {w} {eta}", cfg.name());
                 let mut r = run_one(&vm, opts, w, &sampler);
+                if stop.load(Ordering::Relaxed) {
+                    // Ctrl-C reached the workload's tools too: this run is cut, not a result.
+                    camp.interrupted = true;
+                    return Ok(camp);
+                }
                 r.config = cfg.name();
                 r.rep = rep;
                 r.energy_kind = energy_kind.clone();

@@ -760,10 +760,7 @@ impl RxPath {
                 Ok(n) => n,
                 Err(e) => {
                     unpop(q);
-                    // EBADFD: the tap queue is detached (its pair is being disabled): empty.
-                    if e.kind() != io::ErrorKind::WouldBlock
-                        && e.raw_os_error() != Some(libc::EBADFD)
-                    {
+                    if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::warn!(%e, "tap read failed");
                         out.counts.tap_errors += 1;
                     }

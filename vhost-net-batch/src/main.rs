@@ -214,6 +214,22 @@ fn start_meter(kind: &str, args: &ServeArgs) -> Result<power::VmEnergyMeter, Str
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
+    if args.power_source.is_none() {
+        let given = [
+            ("--power-base-watts", args.power_base_watts.is_some()),
+            ("--power-idle-watts", args.power_idle_watts.is_some()),
+            (
+                "--power-watts-per-core",
+                args.power_watts_per_core.is_some(),
+            ),
+            ("--power-meter-cmd", args.power_meter_cmd.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            return Err(format!(
+                "{flag} configures per-VM energy accounting: give --power-source too"
+            ));
+        }
+    }
     let vms = vms_from(&args)?;
     let meter = match &args.power_source {
         Some(kind) => Some(start_meter(kind, &args)?),

@@ -217,7 +217,7 @@ impl Tap {
         req: libc::c_ulong,
         arg: libc::c_ulong,
     ) -> Result<(), TapError> {
-        // Device-wide settings: queue 0 is always attached (a detached queue answers EBADFD).
+        // Device-wide settings (the kernel keeps one per device): set once, through queue 0.
         if let Some(q) = self.queues.first() {
             // SAFETY: these tun ioctls take an integer argument (by value or by pointer as noted
             // by the caller) and touch no other memory.
@@ -235,7 +235,7 @@ impl Tap {
 
     /// Sets the virtio-net header length the kernel reads and writes (10 or 12).
     pub fn set_vnet_hdr_len(&self, len: i32) -> Result<(), TapError> {
-        // Device-wide, like the offloads: set through queue 0, which is always attached.
+        // Device-wide, like the offloads: set once, through queue 0.
         if let Some(q) = self.queues.first() {
             let v: libc::c_int = len;
             // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer.

@@ -171,7 +171,25 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
         repo: repo(),
         vnb_bin: vnb,
         power_source: a.power_source.unwrap_or_else(|| "auto".into()),
-        command: bench::model::shell_command(&std::env::args().collect::<Vec<_>>()),
+        // The energy model and meter come from VNB_* variables too: they belong to the rerun.
+        command: {
+            let env = [
+                "VNB_IDLE_WATTS",
+                "VNB_WATTS_PER_CORE",
+                "VNB_METER_CMD",
+                "VNB_IPMITOOL",
+            ]
+            .iter()
+            .filter_map(|k| {
+                let v = std::env::var(k).ok()?;
+                Some(format!("{k}={} ", bench::model::shell_quote(&v)))
+            })
+            .collect::<String>();
+            format!(
+                "{env}{}",
+                bench::model::shell_command(&std::env::args().collect::<Vec<_>>())
+            )
+        },
         scratch: scratch.clone(),
     };
     let result = run(&opts, &stop);

@@ -84,10 +84,10 @@ struct CommonArgs {
           allow_negative_numbers = true)]
     watts_per_core: f64,
     /// ipmitool program and interface options (`dcmi power reading` is appended).
-    #[arg(long, value_name = "CMD", default_value = DEFAULT_IPMITOOL)]
+    #[arg(long, value_name = "CMD", env = "VNB_IPMITOOL", default_value = DEFAULT_IPMITOOL)]
     ipmitool: String,
     /// Shell command printing the wall power in watts (the `meter` source).
-    #[arg(long, value_name = "CMD")]
+    #[arg(long, value_name = "CMD", env = "VNB_METER_CMD")]
     meter_cmd: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]

@@ -293,6 +293,23 @@ impl<'a> Guest<'a> {
             .unwrap();
     }
 
+    /// As [`Guest::send_nokick`], then kicks only if the device's EVENT_IDX `avail_event`
+    /// asks for it (what a Linux driver's `virtqueue_kick_prepare` does); returns whether it
+    /// kicked.
+    pub fn send_evidx(&self, i: u16, frame: &[u8]) -> bool {
+        let old = self.avail_idx(1);
+        self.send_nokick(i, frame);
+        let new = self.avail_idx(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let event = self.avail_event(1);
+        // vring_need_event(event, new, old)
+        let kick = new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
+        if kick {
+            self.kick[1].write(1).unwrap();
+        }
+        kick
+    }
+
     /// The `flags` field of queue `q`'s used ring (bit 0: the device wants no kicks).
     pub fn used_flags(&self, q: usize) -> u16 {
         let base = if q == 0 {
