@@ -473,3 +473,31 @@ fn event_idx_used_event_inside_a_batch_flushes_at_once_and_the_normal_state_wait
         "a used_event at the guest's read point must not flush"
     );
 }
+
+#[test]
+fn a_frame_left_half_placed_by_a_vanished_frontend_is_counted_as_dropped() {
+    let _ns = Netns::enter("hp");
+    quiet_netns();
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot_cfg(cfg("hp", "vnbhp0", &sock, "off"));
+    let pkt = PacketSocket::bind("vnbhp0");
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
+    // One 256-byte buffer: a 1000-byte frame needs more (mergeable) and waits, half placed.
+    g.post_rx(0, 1, 256);
+    std::thread::sleep(Duration::from_millis(100));
+    pkt.send(&test_frame(9, 1000));
+    std::thread::sleep(Duration::from_millis(300));
+    let st = &slot.metrics().queues[0];
+    assert_eq!(g.used(0).len(), 0, "a partial frame must not be published");
+    assert_eq!(st.rx_dropped.load(Relaxed), 0);
+    // The frontend goes away without stopping its rings (QEMU killed).
+    drop(g);
+    assert!(
+        eventually(|| st.rx_dropped.load(Relaxed) == 1),
+        "the half-placed frame was lost without being counted"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(st.rx_dropped.load(Relaxed), 1, "counted once");
+}
