@@ -753,22 +753,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn energy_and_power_domains_agree() {
+    /// A core over one [`Linear`] source of `watts` (domains counter, gauge, frozen), read
+    /// every 100 ms.
+    fn linear_core(watts: f64) -> SamplerCore {
         let src = Linear {
             t0: None,
-            watts: 12.0,
+            watts,
             domains: vec![
                 DomainInfo::energy("counter", true),
                 DomainInfo::power("gauge", false),
                 DomainInfo::energy("frozen", false),
             ],
         };
-        let mut core = SamplerCore::new(
+        SamplerCore::new(
             vec![Box::new(src)],
             SamplerConfig::every(Duration::from_millis(100)),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn energy_and_power_domains_agree() {
+        let mut core = linear_core(12.0);
         let t0 = Instant::now();
         core.poll(t0).unwrap();
         let a = core.mark(t0 + Duration::from_millis(500)).unwrap();
@@ -802,20 +808,7 @@ mod tests {
     fn a_read_stamped_before_the_last_one_does_not_go_backwards() {
         // Two threads (the sampler's and a mark()) can race: the second read must not be
         // stamped earlier than the first, or a wrapping counter would count a whole spurious wrap.
-        let src = Linear {
-            t0: None,
-            watts: 10.0,
-            domains: vec![
-                DomainInfo::energy("counter", true),
-                DomainInfo::power("gauge", false),
-                DomainInfo::energy("frozen", false),
-            ],
-        };
-        let mut core = SamplerCore::new(
-            vec![Box::new(src)],
-            SamplerConfig::every(Duration::from_millis(100)),
-        )
-        .unwrap();
+        let mut core = linear_core(10.0);
         let t0 = Instant::now();
         let a = core.mark(t0).unwrap();
         core.poll(t0 + Duration::from_millis(200)).unwrap();

@@ -501,6 +501,7 @@ impl Policy {
     /// A snapshot for stats and replies.
     pub fn view(&self) -> PolicyView {
         let (r, s) = self.configured_us();
+        let applied = self.delays();
         PolicyView {
             config: self.cfg,
             guest: self.guest,
@@ -513,8 +514,8 @@ impl Policy {
             rx_pps: self.rates.1,
             updates: self.updates,
             floor_windows: self.floor_windows,
-            applied_rx_delay_us: (self.delays().rx_ns / 1000) as u32,
-            applied_tx_delay_us: (self.delays().tx_ns / 1000) as u32,
+            applied_rx_delay_us: (applied.rx_ns / 1000) as u32,
+            applied_tx_delay_us: (applied.tx_ns / 1000) as u32,
         }
     }
 }
