@@ -285,16 +285,6 @@ impl Tap {
         (1..self.queues.len()).try_for_each(|i| self.set_queue_enabled(i, false))
     }
 
-    /// Whether queue `i` is attached.
-    pub fn queue_attached(&self, i: usize) -> bool {
-        self.attached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(i)
-            .copied()
-            .unwrap_or(false)
-    }
-
     /// Sets which offloads the kernel may use in frames it hands us (`TUN_F_*`).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         self.ioctl_int("TUNSETOFFLOAD", TUNSETOFFLOAD, flags as libc::c_ulong)
