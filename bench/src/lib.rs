@@ -8,9 +8,11 @@
 //! - [`model`]: configurations, workloads and per-run results;
 //! - [`runner`]: the campaign (namespaces, backends, guests, workloads, teardown);
 //! - [`report`]: `report.md`, `results.csv`, `results.json`;
-//! - [`charts`]: bar charts with error bars and a latency-vs-energy scatter, SVG and PNG.
+//! - [`charts`]: bar charts with error bars and a latency-vs-energy scatter, SVG and PNG;
+//! - [`datapath`]: the data path's own cost without a VM (DPDK testpmd as the frontend).
 
 pub mod charts;
+pub mod datapath;
 pub mod model;
 pub mod parse;
 pub mod report;

@@ -40,7 +40,7 @@ pub struct RunOptions {
     pub scratch: PathBuf,
 }
 
-fn sh(cmd: &mut Command) -> Result<String, String> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -54,7 +54,7 @@ fn sh(cmd: &mut Command) -> Result<String, String> {
 }
 
 /// `utime + stime` of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };

@@ -1,11 +1,13 @@
 //! `vnb-bench run …` runs a campaign and writes its report; `vnb-bench report DIR` rewrites the
-//! report from `DIR/results.json`.
+//! report from `DIR/results.json`; `vnb-bench datapath …` measures the data path alone with
+//! DPDK testpmd as the frontend.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use bench::datapath::{self, DatapathOptions};
 use bench::model::{Backend, Workload};
 use bench::report;
 use bench::runner::{run, RunOptions};
@@ -27,6 +29,9 @@ struct Cli {
 enum Cmd {
     /// Run a campaign and write report.md, results.csv and results.json into --out.
     Run(RunArgs),
+    /// Measure the data path without a VM: DPDK testpmd (txonly) drives each configuration,
+    /// repetitions interleaved; writes report.md and results.json into --out.
+    Datapath(DatapathArgs),
     /// Rewrite the report of a campaign directory from its results.json.
     Report {
         /// The campaign directory.
@@ -70,6 +75,34 @@ struct RunArgs {
     /// Power source for watts and joules (default auto: RAPL if present, else the estimate).
     #[arg(long)]
     power_source: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct DatapathArgs {
+    /// Configurations of ours: off, fixed:US, adaptive:US (default: off). The first
+    /// configuration given (ours, else the first --external) is the reference of the ratios.
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+    /// External vhost-user backends, `NAME=COMMAND TEMPLATE` (repeatable), as for `run`;
+    /// e.g. an older build of ours, to see what a change costs.
+    #[arg(long)]
+    external: Vec<String>,
+    /// Directions: tx (testpmd txonly → backend → tap), rx (tap flood → backend → testpmd
+    /// rxonly); default both.
+    #[arg(long, value_delimiter = ',', default_value = "tx,rx")]
+    directions: Vec<datapath::Direction>,
+    /// Repetitions (default 5).
+    #[arg(long, default_value_t = 5)]
+    reps: u32,
+    /// Measured seconds per run (default 8).
+    #[arg(long, default_value_t = 8)]
+    duration: u32,
+    /// Seconds testpmd runs before the measurement starts (default 3).
+    #[arg(long, default_value_t = 3)]
+    warmup: u32,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 fn repo() -> PathBuf {
@@ -158,10 +191,7 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
             vnb.display()
         ));
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
-    }
+    let stop = stop_flag()?;
     let scratch = std::env::temp_dir().join(format!("vnb-bench-{}", std::process::id()));
     let opts = RunOptions {
         configs,
@@ -208,10 +238,79 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn stop_flag() -> Result<Arc<AtomicBool>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    Ok(stop)
+}
+
+fn datapath_cmd(a: DatapathArgs) -> Result<(), String> {
+    let mut configs: Vec<Backend> = if a.modes.is_empty() && !a.external.is_empty() {
+        Vec::new()
+    } else if a.modes.is_empty() {
+        vec![Backend::Ours { mode: "off".into() }]
+    } else {
+        a.modes
+            .iter()
+            .map(|m| m.parse())
+            .collect::<Result<_, _>>()?
+    };
+    for e in &a.external {
+        configs.push(Backend::external(e)?);
+    }
+    if a.reps == 0 || a.duration == 0 {
+        return Err("--reps and --duration must be at least 1".into());
+    }
+    let vnb = vnb_bin();
+    if configs.iter().any(|c| matches!(c, Backend::Ours { .. })) && !vnb.exists() {
+        return Err(format!(
+            "{} not found: build it (cargo build --release) or set VNB_BIN",
+            vnb.display()
+        ));
+    }
+    let stop = stop_flag()?;
+    let scratch = std::env::temp_dir().join(format!("vnb-bench-dp-{}", std::process::id()));
+    let opts = DatapathOptions {
+        configs,
+        directions: a.directions,
+        reps: a.reps,
+        duration: a.duration,
+        warmup: a.warmup,
+        repo: repo(),
+        vnb_bin: vnb,
+        command: bench::model::shell_command(&std::env::args().collect::<Vec<_>>()),
+        scratch: scratch.clone(),
+    };
+    let result = datapath::run(&opts, &stop);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let camp = result?;
+    datapath::write_all(&camp, &a.out)?;
+    println!("{}", datapath::markdown(&camp));
+    println!("report: {}", a.out.join("report.md").display());
+    if camp.interrupted {
+        return Err(format!(
+            "interrupted after {} runs; the partial report is in {}",
+            camp.runs.len(),
+            a.out.display()
+        ));
+    }
+    let failed = camp.runs.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} runs failed; see the report",
+            camp.runs.len()
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run_cmd(a),
+        Cmd::Datapath(a) => datapath_cmd(a),
         Cmd::Report { dir } => report::load(&dir).and_then(|c| {
             report::write_all(&c, &dir)?;
             println!("report: {}", dir.join("report.md").display());

@@ -1,0 +1,778 @@
+//! `vnb-bench datapath`: what the backend's data path costs, without a VM in the way.
+//!
+//! DPDK's testpmd (`net_virtio_user`) polls its rings and never waits for an interrupt, so it
+//! drives the backend as fast as the backend goes. Two directions, 64-byte frames:
+//! - `tx`: testpmd `txonly` → backend → tap; counted on the tap (`rx_packets`);
+//! - `rx`: a packet socket floods the tap → backend → testpmd `rxonly`; counted as the frames
+//!   the backend read from the tap (`tx_packets`), checked against what testpmd received.
+//!
+//! The figures are frames per second and frames per backend CPU-second. Each configuration
+//! runs in its own network namespace with a fresh backend; repetitions are interleaved (rep 1
+//! of every configuration, then rep 2, …) so that a shared machine's drift spreads over all of
+//! them, and each configuration is compared with the first one rep by rep.
+//!
+//! Comparing `off` with an older build (an external template) answers "does the batching
+//! machinery cost anything when it is off?".
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Backend;
+use crate::runner::{cpu_seconds, sh};
+use crate::stats::Summary;
+
+const TAP: &str = "vnbdp0";
+const MAC: &str = "52:54:00:77:06:02";
+const HOST_IP: &str = "10.77.6.1/24";
+/// Frames the kernel itself sends on a tap that comes up (IPv6 neighbour and router
+/// discovery) count in the tap's counters too.
+const SLACK: u64 = 100;
+
+/// Which way the frames go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// Guest (testpmd) → tap: the backend's TX path.
+    Tx,
+    /// Tap → guest (testpmd): the backend's RX path.
+    Rx,
+}
+
+impl Direction {
+    /// `tx` or `rx`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Tx => "tx",
+            Direction::Rx => "rx",
+        }
+    }
+
+    fn fwd_mode(self) -> &'static str {
+        match self {
+            Direction::Tx => "txonly",
+            Direction::Rx => "rxonly",
+        }
+    }
+
+    /// What the direction measures, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Direction::Tx => "testpmd txonly → backend → tap (the TX path)",
+            Direction::Rx => "packet socket → tap → backend → testpmd rxonly (the RX path)",
+        }
+    }
+}
+
+impl std::str::FromStr for Direction {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tx" => Ok(Direction::Tx),
+            "rx" => Ok(Direction::Rx),
+            _ => Err(format!("unknown direction {s:?}: use tx or rx")),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DatapathOptions {
+    /// Configurations: ours in a mode, or external backends. The first is the reference.
+    pub configs: Vec<Backend>,
+    /// Directions, in order.
+    pub directions: Vec<Direction>,
+    /// Repetitions per configuration.
+    pub reps: u32,
+    /// Measured seconds per run (after the warm-up).
+    pub duration: u32,
+    /// Seconds testpmd runs before the measurement starts.
+    pub warmup: u32,
+    /// The repository (for `ci/`).
+    pub repo: PathBuf,
+    /// The `vhost-net-batch` binary.
+    pub vnb_bin: PathBuf,
+    /// The command line, recorded for reruns.
+    pub command: String,
+    /// Scratch directory (sockets, logs).
+    pub scratch: PathBuf,
+}
+
+/// One testpmd run against one configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatapathRun {
+    /// The configuration's name.
+    pub config: String,
+    /// Which way the frames went.
+    pub direction: Direction,
+    /// Repetition, from 1.
+    pub rep: u32,
+    /// Length of the measured window, s.
+    pub seconds: f64,
+    /// Frames offered to the backend over the whole run (warm-up included): what testpmd
+    /// sent (`tx`) or what the packet socket sent into the tap (`rx`).
+    pub offered: u64,
+    /// Frames the backend moved over the whole run, by the tap's counters: written to the
+    /// tap (`tx`) or read from it (`rx`).
+    pub moved_total: u64,
+    /// Frames the backend moved in the measured window.
+    pub moved: u64,
+    /// Frames that arrived at the far end over the whole run: the tap (`tx`, the same as
+    /// `moved_total`) or testpmd (`rx`).
+    pub delivered: u64,
+    /// Backend CPU time in the measured window, s.
+    pub backend_cpu_s: f64,
+    /// `moved / seconds`.
+    pub pps: f64,
+    /// `moved / backend_cpu_s`.
+    pub per_cpu_s: f64,
+    /// Why the run produced no figures.
+    pub error: Option<String>,
+}
+
+/// A whole `datapath` campaign.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatapathCampaign {
+    /// The command that produced it.
+    pub command: String,
+    /// Configuration names, the reference first.
+    pub configs: Vec<String>,
+    /// Directions measured.
+    pub directions: Vec<Direction>,
+    /// Measured seconds per run.
+    pub duration: u32,
+    /// Every run, in the order run.
+    pub runs: Vec<DatapathRun>,
+    /// Ctrl-C cut the campaign short.
+    pub interrupted: bool,
+}
+
+/// The namespace, the backend and testpmd of one run; dropping it tears everything down.
+struct Rig {
+    repo: PathBuf,
+    ns: String,
+    backend: Option<Child>,
+    testpmd: Option<Child>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for c in [self.testpmd.take(), self.backend.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(self.repo.join("ci/netns.sh"))
+            .args(["delete", &self.ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Rig {
+    fn tap_rx(&self) -> Result<u64, String> {
+        self.tap_stat("rx_packets")
+    }
+
+    /// A counter of the tap; `rx_packets` are frames the backend wrote, `tx_packets` frames it
+    /// read.
+    fn tap_stat(&self, stat: &str) -> Result<u64, String> {
+        let path = format!("/sys/class/net/{TAP}/statistics/{stat}");
+        let out = sh(Command::new("ip").args(["netns", "exec", &self.ns, "cat", &path]))?;
+        out.trim()
+            .parse()
+            .map_err(|_| format!("{path} in {}: {out:?}", self.ns))
+    }
+
+    fn backend_pid(&self) -> u32 {
+        self.backend.as_ref().map_or(0, |c| c.id())
+    }
+}
+
+/// Checks what testpmd needs before anything starts.
+pub fn prerequisites() -> Result<(), String> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v dpdk-testpmd >/dev/null"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        return Err("dpdk-testpmd not found: install the Debian package dpdk (ci/setup.sh)".into());
+    }
+    let huge: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if huge < 128 {
+        return Err(format!(
+            "DPDK needs at least 128 hugepages of 2 MiB, {huge} are reserved: run ci/setup.sh"
+        ));
+    }
+    Ok(())
+}
+
+/// The number after `key` in testpmd's last accumulated statistics block.
+pub fn testpmd_total(out: &str, key: &str) -> Option<u64> {
+    let (_, block) = out.rsplit_once("Accumulated forward statistics")?;
+    block
+        .split(key)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn start_backend(
+    opts: &DatapathOptions,
+    cfg: &Backend,
+    ns: &str,
+    sock: &Path,
+    log: &Path,
+) -> Result<Child, String> {
+    let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]);
+    match cfg {
+        Backend::Ours { mode } => {
+            c.arg(&opts.vnb_bin)
+                .args(["serve", "--vm", "dp", "--tap", TAP, "--mac", MAC, "--mode", mode])
+                .arg("--socket")
+                .arg(sock)
+                .args(["--log", "warn"]);
+        }
+        Backend::External { template, .. } => {
+            let cmd = Backend::fill(template, &sock.to_string_lossy(), TAP, MAC);
+            c.args(["sh", "-c", &format!("exec {cmd}")]);
+        }
+        Backend::QemuTap { .. } => {
+            return Err(format!(
+                "{}: QEMU's own virtio-net is not a vhost-user backend; datapath takes ours or --external",
+                cfg.name()
+            ))
+        }
+    }
+    c.stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cfg.name()))
+}
+
+/// Floods the tap with 64-byte frames from a packet socket until `stop`; returns how many
+/// the kernel took. Runs on its own thread, which enters the namespace `ns`.
+fn flood(ns: &str, stop: &AtomicBool) -> Result<u64, String> {
+    let nsf = std::fs::File::open(format!("/var/run/netns/{ns}"))
+        .map_err(|e| format!("namespace {ns}: {e}"))?;
+    // SAFETY: moves only this thread into the namespace; the fd is valid.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&nsf), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
+    }
+    let name = std::ffi::CString::new(TAP).expect("no NUL");
+    // SAFETY: a valid C string.
+    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if idx == 0 {
+        return Err(format!("no {TAP} in {ns}"));
+    }
+    // Protocol 0: this socket sends only.
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!(
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: we own the new fd.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sa.sll_family = libc::AF_PACKET as u16;
+    sa.sll_ifindex = idx as i32;
+    // SAFETY: binding with a valid sockaddr_ll.
+    let rc = unsafe {
+        libc::bind(
+            raw,
+            (&sa as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "bind to {TAP}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // Straight to the tap's queue, past the qdisc: a full queue drops, the sender never waits.
+    let one: libc::c_int = 1;
+    // SAFETY: setting an int option.
+    unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    // To the guest's MAC from a locally administered one; IEEE local experimental EtherType
+    // 0x88b6 (0x88b5 is the control message's, which the backend drops from the tap).
+    let mut frame = [0u8; 64];
+    frame[..6].copy_from_slice(&[0x52, 0x54, 0x00, 0x77, 0x06, 0x02]);
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0x77, 0x06, 0x01]);
+    frame[12..14].copy_from_slice(&[0x88, 0xb6]);
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: frame is valid for reads of its length.
+        let n = unsafe { libc::send(raw, frame.as_ptr().cast(), frame.len(), 0) };
+        if n > 0 {
+            sent += 1;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOBUFS) {
+            return Err(format!(
+                "send into {TAP}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(sent)
+}
+
+fn run_one(
+    opts: &DatapathOptions,
+    cfg: &Backend,
+    dir_kind: Direction,
+    ci: usize,
+    rep: u32,
+    stop: &AtomicBool,
+) -> Result<DatapathRun, String> {
+    let tag = format!("{}c{ci}r{rep}", dir_kind.name());
+    let ns = format!("vnbd{}{tag}", std::process::id() % 10000);
+    let dir = opts
+        .scratch
+        .join(format!("{}-{tag}", cfg.name().replace(':', "_")));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    sh(Command::new(opts.repo.join("ci/netns.sh")).args(["create", &ns]))?;
+    let mut rig = Rig {
+        repo: opts.repo.clone(),
+        ns: ns.clone(),
+        backend: None,
+        testpmd: None,
+    };
+    let sock = dir.join("vm.sock");
+    let log = dir.join("backend.log");
+    rig.backend = Some(start_backend(opts, cfg, &ns, &sock, &log)?);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() || rig.tap_rx().is_err() {
+        let exited = rig
+            .backend
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        if Instant::now() > end || exited.is_some() {
+            return Err(format!(
+                "{} did not create {} and tap {TAP}: {}",
+                cfg.name(),
+                sock.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sh(Command::new(opts.repo.join("ci/netns.sh")).args(["addr", &ns, TAP, HOST_IP]))?;
+
+    // The tap's counters seen from the host: frames the backend wrote (`rx_packets`) or read
+    // (`tx_packets`).
+    let stat = match dir_kind {
+        Direction::Tx => "rx_packets",
+        Direction::Rx => "tx_packets",
+    };
+    let moved0 = rig.tap_stat(stat)?;
+    let out_path = dir.join("testpmd.log");
+    let out = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
+    let mut testpmd = Command::new("dpdk-testpmd");
+    testpmd
+        .args(["-l", "0-1", "--no-pci", "--single-file-segments"])
+        .args(["-m", "256", "--file-prefix"])
+        .arg(format!("vnbdp{}{tag}", std::process::id()))
+        .arg("--vdev")
+        .arg(format!("net_virtio_user0,path={},queues=1", sock.display()))
+        .args([
+            "--",
+            "--forward-mode",
+            dir_kind.fwd_mode(),
+            "--stats-period",
+            "1",
+        ])
+        .arg("--no-lsc-interrupt");
+    if dir_kind == Direction::Tx {
+        testpmd.arg("--tx-first");
+    }
+    rig.testpmd = Some(
+        testpmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().map_err(|e| e.to_string())?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| format!("cannot start dpdk-testpmd: {e}"))?,
+    );
+    let sleep = |secs: u32| {
+        let end = Instant::now() + Duration::from_secs(secs.into());
+        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let flood_stop = AtomicBool::new(false);
+    let measured = std::thread::scope(|s| {
+        let sender = (dir_kind == Direction::Rx).then(|| {
+            // testpmd needs a moment to bring its port up before frames can land anywhere.
+            sleep(1);
+            s.spawn(|| flood(&ns, &flood_stop))
+        });
+        sleep(opts.warmup);
+        let pid = rig.backend_pid();
+        let w0 = (Instant::now(), rig.tap_stat(stat), cpu_seconds(pid));
+        sleep(opts.duration);
+        let w1 = (Instant::now(), rig.tap_stat(stat), cpu_seconds(pid));
+        flood_stop.store(true, Ordering::Relaxed);
+        let offered = sender.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("the sender panicked".into()))
+        });
+        (w0, w1, offered)
+    });
+    let ((t0, m0, cpu0), (t1, m1, cpu1), flooded) = measured;
+    let (m0, m1) = (m0?, m1?);
+    let flooded = flooded.transpose()?;
+    if stop.load(Ordering::Relaxed) {
+        return Err("interrupted".into());
+    }
+    // Let the backend finish what is queued, then testpmd prints its totals on SIGINT and
+    // exits.
+    std::thread::sleep(Duration::from_millis(300));
+    let tp = rig.testpmd.as_mut().expect("testpmd started");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tp.id() as i32, libc::SIGINT) };
+    let end = Instant::now() + Duration::from_secs(20);
+    while tp.try_wait().ok().flatten().is_none() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log_text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let total = |key: &str| {
+        testpmd_total(&log_text, key)
+            .ok_or_else(|| format!("testpmd printed no {key} total:\n{log_text}"))
+    };
+    let moved_total = rig.tap_stat(stat)?.saturating_sub(moved0);
+    let (offered, delivered) = match dir_kind {
+        Direction::Tx => (total("TX-packets:")?, moved_total),
+        Direction::Rx => (flooded.unwrap_or(0), total("RX-packets:")?),
+    };
+    let moved = m1.saturating_sub(m0);
+    let seconds = (t1 - t0).as_secs_f64();
+    let backend_cpu_s = cpu1 - cpu0;
+    let mut run = DatapathRun {
+        config: cfg.name(),
+        direction: dir_kind,
+        rep,
+        seconds,
+        offered,
+        moved_total,
+        moved,
+        delivered,
+        backend_cpu_s,
+        pps: moved as f64 / seconds,
+        per_cpu_s: if backend_cpu_s > 0.0 {
+            moved as f64 / backend_cpu_s
+        } else {
+            0.0
+        },
+        error: None,
+    };
+    if moved == 0 {
+        run.error = Some(format!(
+            "the backend moved no frame; testpmd said:\n{log_text}"
+        ));
+    } else if moved_total > offered + SLACK {
+        run.error = Some(format!(
+            "the backend moved {moved_total} frames but only {offered} were offered"
+        ));
+    } else if delivered > moved_total + SLACK || delivered < moved_total / 10 * 9 {
+        // Frames the backend took from the tap must reach testpmd (a few may still be in
+        // flight at the end; losing more would be the backend's fault).
+        run.error = Some(format!(
+            "the backend read {moved_total} frames from the tap but testpmd received {delivered}"
+        ));
+    } else if backend_cpu_s <= 0.0 {
+        run.error = Some("the backend used no CPU time (is the pid right?)".into());
+    }
+    Ok(run)
+}
+
+/// Runs the campaign: every direction, every configuration `reps` times, interleaved.
+pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCampaign, String> {
+    if opts.configs.is_empty() || opts.directions.is_empty() {
+        return Err("no configuration or direction to run".into());
+    }
+    if let Some(c) = opts
+        .configs
+        .iter()
+        .find(|c| matches!(c, Backend::QemuTap { .. }))
+    {
+        return Err(format!(
+            "{}: QEMU's own virtio-net is not a vhost-user backend; datapath takes ours or --external",
+            c.name()
+        ));
+    }
+    prerequisites()?;
+    let mut camp = DatapathCampaign {
+        command: opts.command.clone(),
+        configs: opts.configs.iter().map(Backend::name).collect(),
+        directions: opts.directions.clone(),
+        duration: opts.duration,
+        runs: Vec::new(),
+        interrupted: false,
+    };
+    let total = opts.reps as usize * opts.configs.len() * opts.directions.len();
+    for rep in 1..=opts.reps {
+        for &d in &opts.directions {
+            for (ci, cfg) in opts.configs.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    camp.interrupted = true;
+                    return Ok(camp);
+                }
+                let r = run_one(opts, cfg, d, ci, rep, stop);
+                if stop.load(Ordering::Relaxed) {
+                    camp.interrupted = true;
+                    return Ok(camp);
+                }
+                let run = r.unwrap_or_else(|e| DatapathRun {
+                    config: cfg.name(),
+                    direction: d,
+                    rep,
+                    seconds: 0.0,
+                    offered: 0,
+                    moved_total: 0,
+                    moved: 0,
+                    delivered: 0,
+                    backend_cpu_s: 0.0,
+                    pps: 0.0,
+                    per_cpu_s: 0.0,
+                    error: Some(e),
+                });
+                eprintln!(
+                    "[{}/{total}] {} {} rep {rep}: {}",
+                    camp.runs.len() + 1,
+                    d.name(),
+                    run.config,
+                    match &run.error {
+                        None => format!(
+                            "{:.0} pps, {:.0} packets per backend CPU-second",
+                            run.pps, run.per_cpu_s
+                        ),
+                        Some(e) => format!("error: {}", e.lines().next().unwrap_or_default()),
+                    }
+                );
+                camp.runs.push(run);
+            }
+        }
+    }
+    Ok(camp)
+}
+
+/// Per-repetition ratios of `config` to the reference (the first configuration) in direction
+/// `d` for a figure.
+pub fn paired_ratios(
+    c: &DatapathCampaign,
+    d: Direction,
+    config: &str,
+    figure: fn(&DatapathRun) -> f64,
+) -> Vec<f64> {
+    let Some(reference) = c.configs.first() else {
+        return Vec::new();
+    };
+    let ok = |name: &str, rep: u32| {
+        c.runs
+            .iter()
+            .find(|r| r.config == name && r.direction == d && r.rep == rep && r.error.is_none())
+    };
+    c.runs
+        .iter()
+        .filter(|r| r.config == config && r.direction == d && r.error.is_none())
+        .filter_map(|r| {
+            let base = figure(ok(reference, r.rep)?);
+            (base > 0.0).then(|| figure(r) / base)
+        })
+        .collect()
+}
+
+fn summary_of(
+    c: &DatapathCampaign,
+    d: Direction,
+    config: &str,
+    figure: fn(&DatapathRun) -> f64,
+) -> Option<Summary> {
+    let v: Vec<f64> = c
+        .runs
+        .iter()
+        .filter(|r| r.config == config && r.direction == d && r.error.is_none())
+        .map(figure)
+        .collect();
+    Summary::of(&v)
+}
+
+/// The report, as Markdown.
+pub fn markdown(c: &DatapathCampaign) -> String {
+    let mut s = String::from("# vnb-bench datapath\n\n");
+    s += "DPDK testpmd (net_virtio_user, 64-byte frames) as the frontend, no VM. ";
+    s += &format!(
+        "{} s measured per run, repetitions interleaved; ratios are per repetition against `{}`.\n\n",
+        c.duration,
+        c.configs.first().map(String::as_str).unwrap_or("-")
+    );
+    if c.interrupted {
+        s += "**Interrupted**: the campaign was cut short; the runs below are complete.\n\n";
+    }
+    for &d in &c.directions {
+        s += &format!("## {}: {}\n\n", d.name(), d.describe());
+        s += "| configuration | runs | pps (mean ± sd) | packets per backend CPU-s (mean ± sd) | backend CPU share | pps ratio (median, min–max) | per CPU-s ratio (median, min–max) |\n";
+        s += "|---|---|---|---|---|---|---|\n";
+        for name in &c.configs {
+            let n_ok = c
+                .runs
+                .iter()
+                .filter(|r| &r.config == name && r.direction == d && r.error.is_none())
+                .count();
+            let fmt_sum = |x: Option<Summary>| {
+                x.map_or("-".to_string(), |x| {
+                    format!("{:.0} ± {:.0}", x.mean, x.stddev)
+                })
+            };
+            let share = summary_of(c, d, name, |r| r.backend_cpu_s / r.seconds)
+                .map_or("-".to_string(), |x| format!("{:.0} %", x.mean * 100.0));
+            let ratio = |f: fn(&DatapathRun) -> f64| {
+                Summary::of(&paired_ratios(c, d, name, f)).map_or("-".to_string(), |x| {
+                    format!("{:.3} ({:.3}–{:.3})", x.median, x.min, x.max)
+                })
+            };
+            s += &format!(
+                "| {name} | {n_ok} | {} | {} | {share} | {} | {} |\n",
+                fmt_sum(summary_of(c, d, name, |r| r.pps)),
+                fmt_sum(summary_of(c, d, name, |r| r.per_cpu_s)),
+                ratio(|r| r.pps),
+                ratio(|r| r.per_cpu_s),
+            );
+        }
+        s += "\n";
+    }
+    s += "## Runs\n\n| direction | configuration | rep | s | offered | moved (window) | moved (whole run) | delivered | backend CPU s | pps | per CPU-s | error |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for r in &c.runs {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {} |\n",
+            r.direction.name(),
+            r.config,
+            r.rep,
+            r.seconds,
+            r.offered,
+            r.moved,
+            r.moved_total,
+            r.delivered,
+            r.backend_cpu_s,
+            r.pps,
+            r.per_cpu_s,
+            r.error
+                .as_deref()
+                .map(|e| e.lines().next().unwrap_or_default().replace('|', "/"))
+                .unwrap_or_default()
+        );
+    }
+    s += &format!("\nRerun: `{}`\n", c.command);
+    s
+}
+
+/// Writes `report.md` and `results.json` into `dir`.
+pub fn write_all(c: &DatapathCampaign, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let json = serde_json::to_string_pretty(c).map_err(|e| e.to_string())?;
+    for (name, text) in [("report.md", markdown(c)), ("results.json", json)] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(config: &str, rep: u32, pps: f64, error: bool) -> DatapathRun {
+        DatapathRun {
+            config: config.into(),
+            direction: Direction::Tx,
+            rep,
+            seconds: 1.0,
+            offered: pps as u64,
+            moved_total: pps as u64,
+            moved: pps as u64,
+            delivered: pps as u64,
+            backend_cpu_s: 0.5,
+            pps,
+            per_cpu_s: pps * 2.0,
+            error: error.then(|| "x".into()),
+        }
+    }
+
+    fn camp(runs: Vec<DatapathRun>) -> DatapathCampaign {
+        DatapathCampaign {
+            command: "vnb-bench datapath".into(),
+            configs: vec!["off".into(), "ext:old".into()],
+            directions: vec![Direction::Tx, Direction::Rx],
+            duration: 1,
+            runs,
+            interrupted: false,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_repetitions_and_skip_failed_runs() {
+        let c = camp(vec![
+            r("off", 1, 100.0, false),
+            r("ext:old", 1, 110.0, false),
+            r("off", 2, 200.0, false),
+            r("ext:old", 2, 180.0, false),
+            r("off", 3, 100.0, true),
+            r("ext:old", 3, 100.0, false),
+            r("off", 4, 100.0, false),
+            r("ext:old", 4, 50.0, true),
+        ]);
+        let v = paired_ratios(&c, Direction::Tx, "ext:old", |r| r.pps);
+        assert_eq!(v.len(), 2);
+        assert!(
+            (v[0] - 1.1).abs() < 1e-9 && (v[1] - 0.9).abs() < 1e-9,
+            "{v:?}"
+        );
+        assert_eq!(
+            paired_ratios(&c, Direction::Tx, "off", |r| r.pps),
+            vec![1.0, 1.0, 1.0]
+        );
+        // Directions are never paired with each other.
+        assert!(paired_ratios(&c, Direction::Rx, "ext:old", |r| r.pps).is_empty());
+        let md = markdown(&c);
+        assert!(md.contains("| ext:old | 3 | 130 ± 44 |"), "{md}");
+        assert!(md.contains("1.000 (0.900–1.100)"), "{md}");
+        assert!(md.contains("## tx: ") && md.contains("## rx: "), "{md}");
+    }
+
+    #[test]
+    fn testpmd_totals_come_from_the_last_block() {
+        let out = "Accumulated forward statistics\n TX-packets: 5 \nlater\n\
+                   ---- Accumulated forward statistics for all ports ----\n\
+                   RX-packets: 0 RX-dropped: 0\n TX-packets: 1234 TX-dropped: 0\n";
+        assert_eq!(testpmd_total(out, "TX-packets:"), Some(1234));
+        assert_eq!(testpmd_total("nothing", "TX-packets:"), None);
+    }
+}
