@@ -1,7 +1,8 @@
 //! `vnb-bench datapath`: what the backend's data path costs, without a VM in the way.
 //!
 //! DPDK's testpmd (`net_virtio_user`) polls its rings and never waits for an interrupt, so it
-//! drives the backend as fast as the backend goes. Two directions, 64-byte frames:
+//! drives the backend as fast as the backend goes. Two directions, frames of `--frame-len`
+//! bytes (64 by default):
 //! - `tx`: testpmd `txonly` → backend → tap; counted on the tap (`rx_packets`);
 //! - `rx`: a packet socket floods the tap → backend → testpmd `rxonly`; counted as the frames
 //!   the backend read from the tap (`tx_packets`), checked against what testpmd received.
@@ -87,6 +88,8 @@ pub struct DatapathOptions {
     pub configs: Vec<Backend>,
     /// Directions, in order.
     pub directions: Vec<Direction>,
+    /// Ethernet frame length, bytes (60 to 1514).
+    pub frame_len: u16,
     /// Repetitions per configuration.
     pub reps: u32,
     /// Measured seconds per run (after the warm-up).
@@ -144,6 +147,9 @@ pub struct DatapathCampaign {
     pub configs: Vec<String>,
     /// Directions measured.
     pub directions: Vec<Direction>,
+    /// Ethernet frame length, bytes.
+    #[serde(default = "default_frame_len")]
+    pub frame_len: u16,
     /// Measured seconds per run.
     pub duration: u32,
     /// Every run, in the order run.
@@ -151,6 +157,13 @@ pub struct DatapathCampaign {
     /// Ctrl-C cut the campaign short.
     pub interrupted: bool,
 }
+
+fn default_frame_len() -> u16 {
+    64
+}
+
+/// The frame lengths `datapath` accepts: an Ethernet minimum to a standard MTU frame.
+pub const FRAME_LENS: std::ops::RangeInclusive<u16> = 60..=1514;
 
 /// The namespace, the backend and testpmd of one run; dropping it tears everything down.
 struct Rig {
@@ -265,9 +278,9 @@ fn start_backend(
         .map_err(|e| format!("cannot start {}: {e}", cfg.name()))
 }
 
-/// Floods the tap with 64-byte frames from a packet socket until `stop`; returns how many
+/// Floods the tap with `len`-byte frames from a packet socket until `stop`; returns how many
 /// the kernel took. Runs on its own thread, which enters the namespace `ns`.
-fn flood(ns: &str, stop: &AtomicBool) -> Result<u64, String> {
+fn flood(ns: &str, len: usize, stop: &AtomicBool) -> Result<u64, String> {
     let nsf = std::fs::File::open(format!("/var/run/netns/{ns}"))
         .map_err(|e| format!("namespace {ns}: {e}"))?;
     // SAFETY: moves only this thread into the namespace; the fd is valid.
@@ -324,7 +337,7 @@ fn flood(ns: &str, stop: &AtomicBool) -> Result<u64, String> {
     };
     // To the guest's MAC from a locally administered one; IEEE local experimental EtherType
     // 0x88b6 (0x88b5 is the control message's, which the backend drops from the tap).
-    let mut frame = [0u8; 64];
+    let mut frame = vec![0u8; len];
     frame[..6].copy_from_slice(&[0x52, 0x54, 0x00, 0x77, 0x06, 0x02]);
     frame[6..12].copy_from_slice(&[0x02, 0, 0, 0x77, 0x06, 0x01]);
     frame[12..14].copy_from_slice(&[0x88, 0xb6]);
@@ -411,7 +424,10 @@ fn run_one(
         ])
         .arg("--no-lsc-interrupt");
     if dir_kind == Direction::Tx {
-        testpmd.arg("--tx-first");
+        // The length of the frames testpmd builds.
+        testpmd
+            .arg("--tx-first")
+            .arg(format!("--txpkts={}", opts.frame_len));
     }
     rig.testpmd = Some(
         testpmd
@@ -432,7 +448,7 @@ fn run_one(
         let sender = (dir_kind == Direction::Rx).then(|| {
             // testpmd needs a moment to bring its port up before frames can land anywhere.
             sleep(1);
-            s.spawn(|| flood(&ns, &flood_stop))
+            s.spawn(|| flood(&ns, opts.frame_len.into(), &flood_stop))
         });
         sleep(opts.warmup);
         let pid = rig.backend_pid();
@@ -518,6 +534,14 @@ pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCam
     if opts.configs.is_empty() || opts.directions.is_empty() {
         return Err("no configuration or direction to run".into());
     }
+    if !FRAME_LENS.contains(&opts.frame_len) {
+        return Err(format!(
+            "--frame-len {}: give {} to {} bytes",
+            opts.frame_len,
+            FRAME_LENS.start(),
+            FRAME_LENS.end()
+        ));
+    }
     if let Some(c) = opts
         .configs
         .iter()
@@ -533,6 +557,7 @@ pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCam
         command: opts.command.clone(),
         configs: opts.configs.iter().map(Backend::name).collect(),
         directions: opts.directions.clone(),
+        frame_len: opts.frame_len,
         duration: opts.duration,
         runs: Vec::new(),
         interrupted: false,
@@ -628,7 +653,10 @@ fn summary_of(
 /// The report, as Markdown.
 pub fn markdown(c: &DatapathCampaign) -> String {
     let mut s = String::from("# vnb-bench datapath\n\n");
-    s += "DPDK testpmd (net_virtio_user, 64-byte frames) as the frontend, no VM. ";
+    s += &format!(
+        "DPDK testpmd (net_virtio_user, {}-byte frames) as the frontend, no VM. ",
+        c.frame_len
+    );
     s += &format!(
         "{} s measured per run, repetitions interleaved; ratios are per repetition against `{}`.\n\n",
         c.duration,
@@ -731,6 +759,7 @@ mod tests {
             command: "vnb-bench datapath".into(),
             configs: vec!["off".into(), "ext:old".into()],
             directions: vec![Direction::Tx, Direction::Rx],
+            frame_len: 64,
             duration: 1,
             runs,
             interrupted: false,

@@ -115,6 +115,7 @@ fn datapath_refuses_bad_arguments_before_starting() {
         (&["--external", "x=no-socket-placeholder"][..], "{socket}"),
         (&["--reps", "0"][..], "at least 1"),
         (&["--directions", "up"][..], "unknown direction"),
+        (&["--frame-len", "9000"][..], "60 to 1514"),
     ] {
         let out = Command::new(exe())
             .arg("datapath")

@@ -91,6 +91,9 @@ struct DatapathArgs {
     /// rxonly); default both.
     #[arg(long, value_delimiter = ',', default_value = "tx,rx")]
     directions: Vec<datapath::Direction>,
+    /// Ethernet frame length in bytes, 60 to 1514 (default 64).
+    #[arg(long, default_value_t = 64)]
+    frame_len: u16,
     /// Repetitions (default 5).
     #[arg(long, default_value_t = 5)]
     reps: u32,
@@ -275,6 +278,7 @@ fn datapath_cmd(a: DatapathArgs) -> Result<(), String> {
     let opts = DatapathOptions {
         configs,
         directions: a.directions,
+        frame_len: a.frame_len,
         reps: a.reps,
         duration: a.duration,
         warmup: a.warmup,
