@@ -195,17 +195,24 @@ fn replayed_powercap_wraps_under_a_live_writer() {
     )
     .unwrap();
     let a = sampler.mark().unwrap();
-    let writer_root = root.clone();
-    let writer = thread::spawn(move || {
-        let mut v: u64 = 0;
-        for _ in 0..150 {
-            v = (v + 20_000) % 1_000_000;
-            set_energy_uj(&writer_root, "intel-rapl:0", v);
-            set_energy_uj(&writer_root, "intel-rapl:0:0", 31_234_567_890 + v);
-            thread::sleep(Duration::from_millis(2));
-        }
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut v: u64 = 0;
+            for i in 0..150 {
+                v = (v + 20_000) % 1_000_000;
+                set_energy_uj(&root, "intel-rapl:0", v);
+                set_energy_uj(&root, "intel-rapl:0:0", 31_234_567_890 + v);
+                // The background thread reads every 5 ms, but a loaded machine can stall it
+                // for longer than half a wrap (25 steps). A mark from this thread every 200 mJ
+                // bounds the gap between reads whatever the scheduler does (and races the
+                // background reads, as marks do in real use).
+                if i % 10 == 9 {
+                    sampler.mark().unwrap();
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+        });
     });
-    writer.join().unwrap();
     let b = sampler.mark().unwrap();
     let iv = sampler.between(&a, &b);
     sampler.stop();
