@@ -82,6 +82,28 @@ struct Window {
     /// CPU seconds of the backend and of QEMU over the counted window.
     backend_cpu: f64,
     qemu_cpu: f64,
+    /// What the backend did about interrupts over the window, per second: interrupts it
+    /// signalled, RX timer expiries, and flushes each RX valve forced.
+    signalled_per_s: f64,
+    rx_timer_per_s: f64,
+    valves_per_s: [f64; 3],
+}
+
+/// The backend's interrupt-side counters: signalled (RX + TX), RX timer fires, and the RX
+/// valves (frame cap, low water, used_event).
+fn irq_counters(ctl_sock: &Path) -> [u64; 5] {
+    let t = &stats(ctl_sock)["total"];
+    let n = |k: &str| {
+        t[k].as_u64()
+            .unwrap_or_else(|| panic!("no {k} in stats: {t}"))
+    };
+    [
+        n("rx_interrupts") + n("tx_interrupts"),
+        n("rx_timer_fires"),
+        n("rx_flush_frame_cap"),
+        n("rx_flush_low_water"),
+        n("flush_used_event"),
+    ]
 }
 
 /// Runs one 6 s iperf3 test from the host side and counts guest interrupts, backend kicks,
@@ -115,15 +137,16 @@ fn measure(
             packets(ctl_sock),
             cpu_seconds(backend),
             cpu_seconds(g.qemu_pid),
+            irq_counters(ctl_sock),
         )
     };
-    let (i0, k0, p0, b0, q0) = at_rest();
+    let (i0, k0, p0, b0, q0, c0) = at_rest();
     let mut args = vec!["iperf3", "-c", GUEST_IP, "-t", "6", "-J"];
     args.extend_from_slice(iperf);
     let out = ns.cmd(&args).output().unwrap();
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "iperf3 {iperf:?} failed: {json}");
-    let (i1, k1, p1, b1, q1) = at_rest();
+    let (i1, k1, p1, b1, q1, c1) = at_rest();
     let v: Value = serde_json::from_str(&json).expect("iperf3 JSON");
     let dt = v["end"]["sum"]["seconds"]
         .as_f64()
@@ -137,6 +160,9 @@ fn measure(
         pkt_per_s: (p1 - p0) as f64 / dt,
         backend_cpu: b1 - b0,
         qemu_cpu: q1 - q0,
+        signalled_per_s: (c1[0] - c0[0]) as f64 / dt,
+        rx_timer_per_s: (c1[1] - c0[1]) as f64 / dt,
+        valves_per_s: [2, 3, 4].map(|i| (c1[i] - c0[i]) as f64 / dt),
     }
 }
 
@@ -338,6 +364,10 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
                     m.mbps, m.irq_per_s, m.kick_per_s, m.backend_cpu, m.qemu_cpu,
                     s["policy"]["rx_delay_us"], s["policy"]["tx_delay_us"],
                     s["policy"]["send_ratio"].as_f64().unwrap_or(0.0)
+                ));
+                lines.push(format!(
+                    "    backend: {:.0} interrupts signalled/s, RX timer fired {:.0}/s, RX valve flushes/s: frame cap {:.0}, low water {:.0}, used_event {:.0}",
+                    m.signalled_per_s, m.rx_timer_per_s, m.valves_per_s[0], m.valves_per_s[1], m.valves_per_s[2]
                 ));
                 w.push(m);
             }
