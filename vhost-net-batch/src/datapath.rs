@@ -71,11 +71,11 @@ fn peek_iov(iov: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
 /// The control-frame check reads each TX frame's EtherType. The frontend's core has just
 /// written that line, so the read is a cache miss per frame, which the kernel's copy into the
 /// tap would otherwise take. Taken one frame after another right before each `writev`, those
-/// misses cost about 5 % of TX frames per CPU-second against the build from before the control
-/// message: 57 interleaved 64-byte testpmd pairs, `bench/results/2026-12-01-datapath/`. A TX
-/// step collects all its chains first and checks them afterwards, and prefetching while
-/// collecting overlaps the misses. That recovered most of the gap: 20 pairs, median +5 %
-/// against checking without it.
+/// misses cost about 7 % of TX frames per CPU-second against the build from before the control
+/// message: the median of 50 interleaved 64-byte testpmd pairs,
+/// `bench/results/2026-12-01-datapath/`. A TX step collects all its chains first and checks
+/// them afterwards, and prefetching while collecting overlaps the misses. That recovered most of
+/// the gap: 20 pairs, median +6 % against checking without it.
 fn prefetch_at(iov: &[libc::iovec], mut offset: usize) {
     for v in iov {
         if offset < v.iov_len {
