@@ -124,6 +124,18 @@ fn vnb_bin() -> PathBuf {
         .unwrap_or_else(|| "vhost-net-batch".into())
 }
 
+/// Our binary, which must exist when a configuration runs it.
+fn checked_vnb_bin(configs: &[Backend]) -> Result<PathBuf, String> {
+    let vnb = vnb_bin();
+    if configs.iter().any(|c| matches!(c, Backend::Ours { .. })) && !vnb.exists() {
+        return Err(format!(
+            "{} not found: build it (cargo build --release) or set VNB_BIN",
+            vnb.display()
+        ));
+    }
+    Ok(vnb)
+}
+
 fn run_cmd(mut a: RunArgs) -> Result<(), String> {
     if let Some(p) = &a.plan {
         let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -187,13 +199,7 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
         return Err("--reps and --duration must be at least 1".into());
     }
     let out = a.out.ok_or("give --out DIR")?;
-    let vnb = vnb_bin();
-    if configs.iter().any(|c| matches!(c, Backend::Ours { .. })) && !vnb.exists() {
-        return Err(format!(
-            "{} not found: build it (cargo build --release) or set VNB_BIN",
-            vnb.display()
-        ));
-    }
+    let vnb = checked_vnb_bin(&configs)?;
     let stop = stop_flag()?;
     let scratch = std::env::temp_dir().join(format!("vnb-bench-{}", std::process::id()));
     let opts = RunOptions {
@@ -266,13 +272,7 @@ fn datapath_cmd(a: DatapathArgs) -> Result<(), String> {
     if a.reps == 0 || a.duration == 0 {
         return Err("--reps and --duration must be at least 1".into());
     }
-    let vnb = vnb_bin();
-    if configs.iter().any(|c| matches!(c, Backend::Ours { .. })) && !vnb.exists() {
-        return Err(format!(
-            "{} not found: build it (cargo build --release) or set VNB_BIN",
-            vnb.display()
-        ));
-    }
+    let vnb = checked_vnb_bin(&configs)?;
     let stop = stop_flag()?;
     let scratch = std::env::temp_dir().join(format!("vnb-bench-dp-{}", std::process::id()));
     let opts = DatapathOptions {
