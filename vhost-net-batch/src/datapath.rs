@@ -81,8 +81,8 @@ fn prefetch_at(iov: &[libc::iovec], mut offset: usize) {
         if offset < v.iov_len {
             let p = (v.iov_base as *const u8).wrapping_add(offset);
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a prefetch is a hint: it never faults and changes no state, whatever
-            // the address.
+            // SAFETY: a prefetch is a hint: it never faults and changes no program-visible state,
+            // whatever the address.
             unsafe {
                 core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
             };
