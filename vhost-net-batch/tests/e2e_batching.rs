@@ -393,7 +393,7 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
             // interrupts per packet, 1.8-3.7 k/s. With batching the interrupts wait for the
             // 1 ms RX timer (the per-run backend line shows ~800 timer fires/s and next to no
             // valve flushes), so the fall is capped near (off's interrupts/s) / 800: measured
-            // 3.4-4.9x, per second and per packet alike, in every run. A saturated guest is
+            // 3.0-4.9x, per second and per packet alike, in every run. A saturated guest is
             // therefore held to a fall of at least 2x per packet instead of 5x; batching that
             // does not batch measured 1.0x (a build whose workers ignore the delays) and fails.
             let saturated = !rev && off.mbps < 50.0;
