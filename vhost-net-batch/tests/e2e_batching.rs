@@ -396,7 +396,8 @@ fn guest_control_operator_switches_and_off_vs_adaptive() {
             // 3.0-4.9x, per second and per packet alike, in every run. A saturated guest is
             // therefore held to a fall of at least 2x per packet instead of 5x; batching that
             // does not batch measured 1.0x (a build whose workers ignore the delays) and fails.
-            let saturated = !rev && off.mbps < 50.0;
+            // Saturated: the unbatched guest receives under 90 % of the 100 Mb/s offered.
+            let saturated = !rev && off.mbps < 90.0;
             if irq_ratio < 5.0 && irq_pkt_ratio < 5.0 && !(saturated && irq_pkt_ratio >= 2.0) {
                 bad.push(format!(
                     "{dir_name}: guest interrupts fell only {irq_ratio:.1}x per second and {irq_pkt_ratio:.1}x per packet{}",
