@@ -767,7 +767,7 @@ mod tests {
     }
 
     #[test]
-    fn ratios_pair_repetitions_and_skip_failed_runs() {
+    fn ratios_pair_repetitions_and_leave_out_failed_runs() {
         let c = camp(vec![
             r("off", 1, 100.0, false),
             r("ext:old", 1, 110.0, false),

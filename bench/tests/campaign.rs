@@ -2,8 +2,12 @@
 //! modes, QEMU guests, iperf3 and ping, the power estimate) into a report, checked for every
 //! expected row and column and for sane figures.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
+
+use common::{require_cmd, vnb_backend, vnb_bench};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -16,14 +20,7 @@ fn quick_campaign_produces_a_complete_sane_report() {
         ("iperf3", "iperf3"),
         ("ping", "iputils-ping"),
     ] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {cmd} >/dev/null")])
-                .status()
-                .unwrap()
-                .success(),
-            "{cmd} missing: install {pkg} (ci/setup.sh)"
-        );
+        require_cmd(cmd, pkg);
     }
     let img = Command::new(repo().join("ci/guest/build-image.sh"))
         .output()
@@ -33,13 +30,8 @@ fn quick_campaign_produces_a_complete_sane_report() {
         "{}",
         String::from_utf8_lossy(&img.stderr)
     );
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_vnb-bench"));
-    let vnb = exe.parent().unwrap().join("vhost-net-batch");
-    assert!(
-        vnb.exists(),
-        "{} missing: build the workspace first (cargo build --workspace)",
-        vnb.display()
-    );
+    let exe = vnb_bench();
+    let vnb = vnb_backend();
     let out = std::env::temp_dir().join(format!("vnb-bench-test-{}", std::process::id()));
     let run = Command::new(&exe)
         .args([

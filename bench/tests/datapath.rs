@@ -3,30 +3,17 @@
 //! every configuration with figures that add up. Bad arguments are refused before anything
 //! starts.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vnb-bench"))
-}
+use common::{require_cmd, vnb_backend, vnb_bench};
 
 #[test]
 fn datapath_campaign_measures_every_configuration() {
-    assert!(
-        Command::new("sh")
-            .args(["-c", "command -v dpdk-testpmd >/dev/null"])
-            .status()
-            .unwrap()
-            .success(),
-        "dpdk-testpmd missing: install the Debian package dpdk (ci/setup.sh)"
-    );
-    let exe = exe();
-    let vnb = exe.parent().unwrap().join("vhost-net-batch");
-    assert!(
-        vnb.exists(),
-        "{} missing: build the workspace first (cargo build --workspace)",
-        vnb.display()
-    );
+    require_cmd("dpdk-testpmd", "the Debian package dpdk");
+    let exe = vnb_bench();
+    let vnb = vnb_backend();
     let out = std::env::temp_dir().join(format!("vnb-bench-dp-test-{}", std::process::id()));
     let run = Command::new(&exe)
         .args([
@@ -117,7 +104,7 @@ fn datapath_refuses_bad_arguments_before_starting() {
         (&["--directions", "up"][..], "unknown direction"),
         (&["--frame-len", "9000"][..], "60 to 1514"),
     ] {
-        let out = Command::new(exe())
+        let out = Command::new(vnb_bench())
             .arg("datapath")
             .args(args)
             .args(["--out", "/nonexistent/never-written"])
