@@ -10,8 +10,9 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 
+use crate::error::{BenchError, Result};
+use crate::figures::{metrics, summary, Metric};
 use crate::model::{Campaign, RunResult};
-use crate::report::{metrics, summary, Metric};
 
 /// Where the font is looked for.
 pub const FONT_PATHS: [&str; 2] = [
@@ -19,9 +20,9 @@ pub const FONT_PATHS: [&str; 2] = [
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
 ];
 
-fn register_font() -> Result<(), String> {
+fn register_font() -> Result<()> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
+    let done = DONE.get_or_init(|| {
         let bytes = FONT_PATHS
             .iter()
             .find_map(|p| std::fs::read(p).ok())
@@ -34,8 +35,19 @@ fn register_font() -> Result<(), String> {
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
             .map_err(|_| "the DejaVu Sans font could not be loaded".to_string())
+    });
+    done.clone().map_err(|msg| BenchError::Chart {
+        name: "font".into(),
+        msg,
     })
-    .clone()
+}
+
+/// Maps a drawing error of chart `name`.
+fn chart_err(name: &str) -> impl Fn(&dyn std::fmt::Display) -> BenchError + '_ {
+    move |e| BenchError::Chart {
+        name: name.to_string(),
+        msg: e.to_string(),
+    }
 }
 
 /// What energy charts say when the campaign's energy is the CPU-time estimate, not a meter.
@@ -60,11 +72,11 @@ fn bars<DB: DrawingBackend>(
     c: &Campaign,
     workload: &str,
     m: &Metric,
-) -> Result<(), String>
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let err = chart_err(workload);
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let rows: Vec<(String, f64, f64)> = c
         .configs
@@ -141,11 +153,11 @@ where
 fn scatter<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     c: &Campaign,
-) -> Result<(), String>
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let err = chart_err("rr-latency-vs-energy");
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let pts: Vec<(&RunResult, f64, f64)> = c
         .runs
@@ -224,10 +236,10 @@ pub fn planned(c: &Campaign) -> Vec<(String, String, &'static str)> {
 }
 
 /// Draws every chart into `dir/charts/` as SVG and PNG; returns the files written.
-pub fn write_charts(c: &Campaign, dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn write_charts(c: &Campaign, dir: &Path) -> Result<Vec<PathBuf>> {
     register_font()?;
     let out = dir.join("charts");
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(&out).map_err(BenchError::file(&out))?;
     let mut files = Vec::new();
     for (base, w, title) in planned(c) {
         let svg = out.join(format!("{base}.svg"));

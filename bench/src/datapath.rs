@@ -24,7 +24,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Backend;
-use crate::runner::{cpu_seconds, sh};
+use vnb_common::packet::PacketSocket;
+use vnb_common::procfs;
+
+use crate::backend::BackendSpec;
+use crate::error::{sh, BenchError, Result};
 use crate::stats::Summary;
 
 const TAP: &str = "vnbdp0";
@@ -70,13 +74,15 @@ impl Direction {
 }
 
 impl std::str::FromStr for Direction {
-    type Err = String;
+    type Err = BenchError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "tx" => Ok(Direction::Tx),
             "rx" => Ok(Direction::Rx),
-            _ => Err(format!("unknown direction {s:?}: use tx or rx")),
+            _ => Err(BenchError::Input(format!(
+                "unknown direction {s:?}: use tx or rx"
+            ))),
         }
     }
 }
@@ -191,18 +197,15 @@ impl Drop for Rig {
 }
 
 impl Rig {
-    fn tap_rx(&self) -> Result<u64, String> {
-        self.tap_stat("rx_packets")
-    }
-
     /// A counter of the tap; `rx_packets` are frames the backend wrote, `tx_packets` frames it
     /// read.
-    fn tap_stat(&self, stat: &str) -> Result<u64, String> {
+    fn tap_stat(&self, stat: &str) -> Result<u64> {
         let path = format!("/sys/class/net/{TAP}/statistics/{stat}");
         let out = sh(Command::new("ip").args(["netns", "exec", &self.ns, "cat", &path]))?;
-        out.trim()
-            .parse()
-            .map_err(|_| format!("{path} in {}: {out:?}", self.ns))
+        out.trim().parse().map_err(|_| BenchError::Output {
+            tool: "sysfs",
+            msg: format!("{path} in {}: {out:?}", self.ns),
+        })
     }
 
     fn backend_pid(&self) -> u32 {
@@ -211,22 +214,24 @@ impl Rig {
 }
 
 /// Checks what testpmd needs before anything starts.
-pub fn prerequisites() -> Result<(), String> {
+pub fn prerequisites() -> Result<()> {
     let found = Command::new("sh")
         .args(["-c", "command -v dpdk-testpmd >/dev/null"])
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        return Err("dpdk-testpmd not found: install the Debian package dpdk (ci/setup.sh)".into());
+        return Err(BenchError::Setup(
+            "dpdk-testpmd not found: install the Debian package dpdk (ci/setup.sh)".into(),
+        ));
     }
     let huge: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     if huge < 128 {
-        return Err(format!(
+        return Err(BenchError::Setup(format!(
             "DPDK needs at least 128 hugepages of 2 MiB, {huge} are reserved: run ci/setup.sh"
-        ));
+        )));
     }
     Ok(())
 }
@@ -243,98 +248,26 @@ pub fn testpmd_total(out: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-fn start_backend(
-    opts: &DatapathOptions,
-    cfg: &Backend,
-    ns: &str,
-    sock: &Path,
-    log: &Path,
-) -> Result<Child, String> {
-    let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns]);
-    match cfg {
-        Backend::Ours { mode } => {
-            c.arg(&opts.vnb_bin)
-                .args(["serve", "--vm", "dp", "--tap", TAP, "--mac", MAC, "--mode", mode])
-                .arg("--socket")
-                .arg(sock)
-                .args(["--log", "warn"]);
-        }
-        Backend::External { template, .. } => {
-            let cmd = Backend::fill(template, &sock.to_string_lossy(), TAP, MAC);
-            c.args(["sh", "-c", &format!("exec {cmd}")]);
-        }
-        Backend::QemuTap { .. } => {
-            return Err(format!(
-                "{}: QEMU's own virtio-net is not a vhost-user backend; datapath takes ours or --external",
-                cfg.name()
-            ))
-        }
-    }
-    c.stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cfg.name()))
-}
-
 /// Floods the tap with `len`-byte frames from a packet socket until `stop`; returns how many
 /// the kernel took. Runs on its own thread, which enters the namespace `ns`.
-fn flood(ns: &str, len: usize, stop: &AtomicBool) -> Result<u64, String> {
+fn flood(ns: &str, len: usize, stop: &AtomicBool) -> Result<u64> {
     let nsf = std::fs::File::open(format!("/var/run/netns/{ns}"))
-        .map_err(|e| format!("namespace {ns}: {e}"))?;
+        .map_err(BenchError::file(format!("/var/run/netns/{ns}")))?;
     // SAFETY: moves only this thread into the namespace; the fd is valid.
     if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&nsf), libc::CLONE_NEWNET) } != 0 {
-        return Err(format!("setns {ns}: {}", std::io::Error::last_os_error()));
-    }
-    let name = std::ffi::CString::new(TAP).expect("no NUL");
-    // SAFETY: a valid C string.
-    let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if idx == 0 {
-        return Err(format!("no {TAP} in {ns}"));
+        return Err(BenchError::Setup(format!(
+            "setns {ns}: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // Protocol 0: this socket sends only.
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!(
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: we own the new fd.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // SAFETY: sockaddr_ll is plain data.
-    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sa.sll_family = libc::AF_PACKET as u16;
-    sa.sll_ifindex = idx as i32;
-    // SAFETY: binding with a valid sockaddr_ll.
-    let rc = unsafe {
-        libc::bind(
-            raw,
-            (&sa as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "bind to {TAP}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // Straight to the tap's queue, past the qdisc: a full queue drops, the sender never waits.
-    let one: libc::c_int = 1;
-    // SAFETY: setting an int option.
-    unsafe {
-        libc::setsockopt(
-            raw,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
+    let sock = PacketSocket::open(TAP, 0)
+        .and_then(|s| {
+            // Straight to the tap's queue: a full queue drops, the sender never waits.
+            s.bypass_qdisc()?;
+            Ok(s)
+        })
+        .map_err(|e| BenchError::Setup(format!("packet socket on {TAP} in {ns}: {e}")))?;
     // To the guest's MAC from a locally administered one; IEEE local experimental EtherType
     // 0x88b6 (0x88b5 is the control message's, which the backend drops from the tap).
     let mut frame = vec![0u8; len];
@@ -343,15 +276,13 @@ fn flood(ns: &str, len: usize, stop: &AtomicBool) -> Result<u64, String> {
     frame[12..14].copy_from_slice(&[0x88, 0xb6]);
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: frame is valid for reads of its length.
-        let n = unsafe { libc::send(raw, frame.as_ptr().cast(), frame.len(), 0) };
-        if n > 0 {
-            sent += 1;
-        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOBUFS) {
-            return Err(format!(
-                "send into {TAP}: {}",
-                std::io::Error::last_os_error()
-            ));
+        match sock.send(&frame) {
+            Ok(_) => sent += 1,
+            Err(vnb_common::packet::PacketError::Io(_, e))
+                if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => {
+                return Err(BenchError::Workload(format!("send into {TAP}: {e}")));
+            }
         }
     }
     Ok(sent)
@@ -364,13 +295,13 @@ fn run_one(
     ci: usize,
     rep: u32,
     stop: &AtomicBool,
-) -> Result<DatapathRun, String> {
+) -> Result<DatapathRun> {
     let tag = format!("{}c{ci}r{rep}", dir_kind.name());
     let ns = format!("vnbd{}{tag}", std::process::id() % 10000);
     let dir = opts
         .scratch
         .join(format!("{}-{tag}", cfg.name().replace(':', "_")));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(BenchError::file(&dir))?;
     sh(Command::new(opts.repo.join("ci/netns.sh")).args(["create", &ns]))?;
     let mut rig = Rig {
         repo: opts.repo.clone(),
@@ -379,24 +310,20 @@ fn run_one(
         testpmd: None,
     };
     let sock = dir.join("vm.sock");
-    let log = dir.join("backend.log");
-    rig.backend = Some(start_backend(opts, cfg, &ns, &sock, &log)?);
-    let end = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() || rig.tap_rx().is_err() {
-        let exited = rig
-            .backend
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten());
-        if Instant::now() > end || exited.is_some() {
-            return Err(format!(
-                "{} did not create {} and tap {TAP}: {}",
-                cfg.name(),
-                sock.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ));
+    rig.backend = Some(
+        BackendSpec {
+            config: cfg,
+            vnb_bin: &opts.vnb_bin,
+            ns: &ns,
+            vm: "dp",
+            tap: TAP,
+            mac: MAC,
+            socket: &sock,
+            control: None,
+            log: dir.join("backend.log"),
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .start()?,
+    );
     sh(Command::new(opts.repo.join("ci/netns.sh")).args(["addr", &ns, TAP, HOST_IP]))?;
 
     // The tap's counters seen from the host: frames the backend wrote (`rx_packets`) or read
@@ -407,7 +334,7 @@ fn run_one(
     };
     let moved0 = rig.tap_stat(stat)?;
     let out_path = dir.join("testpmd.log");
-    let out = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
+    let out = std::fs::File::create(&out_path).map_err(BenchError::file(&out_path))?;
     let mut testpmd = Command::new("dpdk-testpmd");
     testpmd
         .args(["-l", "0-1", "--no-pci", "--single-file-segments"])
@@ -432,10 +359,13 @@ fn run_one(
     rig.testpmd = Some(
         testpmd
             .stdin(Stdio::null())
-            .stdout(out.try_clone().map_err(|e| e.to_string())?)
+            .stdout(out.try_clone().map_err(BenchError::file(&out_path))?)
             .stderr(out)
             .spawn()
-            .map_err(|e| format!("cannot start dpdk-testpmd: {e}"))?,
+            .map_err(|source| BenchError::Spawn {
+                cmd: "dpdk-testpmd".into(),
+                source,
+            })?,
     );
     let sleep = |secs: u32| {
         let end = Instant::now() + Duration::from_secs(secs.into());
@@ -452,13 +382,14 @@ fn run_one(
         });
         sleep(opts.warmup);
         let pid = rig.backend_pid();
-        let w0 = (Instant::now(), rig.tap_stat(stat), cpu_seconds(pid));
+        let cpu = || procfs::cpu_seconds(pid).unwrap_or(0.0);
+        let w0 = (Instant::now(), rig.tap_stat(stat), cpu());
         sleep(opts.duration);
-        let w1 = (Instant::now(), rig.tap_stat(stat), cpu_seconds(pid));
+        let w1 = (Instant::now(), rig.tap_stat(stat), cpu());
         flood_stop.store(true, Ordering::Relaxed);
         let offered = sender.map(|h| {
             h.join()
-                .unwrap_or_else(|_| Err("the sender panicked".into()))
+                .unwrap_or_else(|_| Err(BenchError::Workload("the sender panicked".into())))
         });
         (w0, w1, offered)
     });
@@ -466,7 +397,7 @@ fn run_one(
     let (m0, m1) = (m0?, m1?);
     let flooded = flooded.transpose()?;
     if stop.load(Ordering::Relaxed) {
-        return Err("interrupted".into());
+        return Err(BenchError::Workload("interrupted".into()));
     }
     // Let the backend finish what is queued, then testpmd prints its totals on SIGINT and
     // exits.
@@ -480,8 +411,10 @@ fn run_one(
     }
     let log_text = std::fs::read_to_string(&out_path).unwrap_or_default();
     let total = |key: &str| {
-        testpmd_total(&log_text, key)
-            .ok_or_else(|| format!("testpmd printed no {key} total:\n{log_text}"))
+        testpmd_total(&log_text, key).ok_or_else(|| BenchError::Output {
+            tool: "dpdk-testpmd",
+            msg: format!("printed no {key} total:\n{log_text}"),
+        })
     };
     let moved_total = rig.tap_stat(stat)?.saturating_sub(moved0);
     let (offered, delivered) = match dir_kind {
@@ -530,27 +463,29 @@ fn run_one(
 }
 
 /// Runs the campaign: every direction, every configuration `reps` times, interleaved.
-pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCampaign, String> {
+pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCampaign> {
     if opts.configs.is_empty() || opts.directions.is_empty() {
-        return Err("no configuration or direction to run".into());
+        return Err(BenchError::Input(
+            "no configuration or direction to run".into(),
+        ));
     }
     if !FRAME_LENS.contains(&opts.frame_len) {
-        return Err(format!(
+        return Err(BenchError::Input(format!(
             "--frame-len {}: give {} to {} bytes",
             opts.frame_len,
             FRAME_LENS.start(),
             FRAME_LENS.end()
-        ));
+        )));
     }
     if let Some(c) = opts
         .configs
         .iter()
         .find(|c| matches!(c, Backend::QemuTap { .. }))
     {
-        return Err(format!(
+        return Err(BenchError::Input(format!(
             "{}: QEMU's own virtio-net is not a vhost-user backend; datapath takes ours or --external",
             c.name()
-        ));
+        )));
     }
     prerequisites()?;
     let mut camp = DatapathCampaign {
@@ -587,7 +522,7 @@ pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCam
                     backend_cpu_s: 0.0,
                     pps: 0.0,
                     per_cpu_s: 0.0,
-                    error: Some(e),
+                    error: Some(e.to_string()),
                 });
                 eprintln!(
                     "[{}/{total}] {} {} rep {rep}: {}",
@@ -723,12 +658,12 @@ pub fn markdown(c: &DatapathCampaign) -> String {
 }
 
 /// Writes `report.md` and `results.json` into `dir`.
-pub fn write_all(c: &DatapathCampaign, dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let json = serde_json::to_string_pretty(c).map_err(|e| e.to_string())?;
+pub fn write_all(c: &DatapathCampaign, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(BenchError::file(dir))?;
+    let json = serde_json::to_string_pretty(c).expect("a campaign serializes");
     for (name, text) in [("report.md", markdown(c)), ("results.json", json)] {
         let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, text).map_err(BenchError::file(&p))?;
     }
     Ok(())
 }

@@ -3,16 +3,22 @@
 //! over QEMU's own virtio-net as a peer; records throughput, latency, notifications, CPU time,
 //! context switches and energy; writes a report.
 //!
+//! - [`error`]: the one error type;
 //! - [`stats`]: mean, standard deviation, min/median/max;
+//! - [`figures`]: the figures of a run that reports and charts show;
 //! - [`parse`]: iperf3 JSON, ab, ping and tbench output;
 //! - [`model`]: configurations, workloads and per-run results;
+//! - [`backend`]: starting a vhost-user backend in a namespace and waiting until it serves;
 //! - [`runner`]: the campaign (namespaces, backends, guests, workloads, teardown);
 //! - [`report`]: `report.md`, `results.csv`, `results.json`;
 //! - [`charts`]: bar charts with error bars and a latency-vs-energy scatter, SVG and PNG;
 //! - [`datapath`]: the data path's own cost without a VM (DPDK testpmd as the frontend).
 
+pub mod backend;
 pub mod charts;
 pub mod datapath;
+pub mod error;
+pub mod figures;
 pub mod model;
 pub mod parse;
 pub mod report;

@@ -4,6 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use vnb_common::mode::ModeSpec;
+
+use crate::error::BenchError;
 
 /// A workload, run from the host side of the namespace against the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -58,7 +61,7 @@ impl fmt::Display for Workload {
 }
 
 impl FromStr for Workload {
-    type Err = String;
+    type Err = BenchError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Workload::ALL
@@ -66,9 +69,8 @@ impl FromStr for Workload {
             .chain([Workload::Idle])
             .find(|w| w.name() == s)
             .ok_or_else(|| {
-                format!(
-                    "unknown workload {s:?}: use iperf-tx, iperf-rx, http, tbench, rr or rr-load"
-                )
+                let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+                BenchError::Input(format!("unknown workload {s:?}: use {}", names.join(", ")))
             })
     }
 }
@@ -80,7 +82,7 @@ pub enum Backend {
     /// vhost-net-batch in a batching mode (`off`, `fixed:US`, `adaptive:US`).
     Ours {
         /// The `--mode` value.
-        mode: String,
+        mode: ModeSpec,
     },
     /// QEMU's own userspace virtio-net on a tap (`tx=timer` when asked).
     QemuTap {
@@ -100,23 +102,25 @@ pub enum Backend {
 
 impl Backend {
     /// Parses `--external NAME=TEMPLATE`.
-    pub fn external(spec: &str) -> Result<Backend, String> {
-        let (name, template) = spec
-            .split_once('=')
-            .ok_or_else(|| format!("--external {spec:?}: expected NAME=COMMAND TEMPLATE"))?;
+    pub fn external(spec: &str) -> Result<Backend, BenchError> {
+        let (name, template) = spec.split_once('=').ok_or_else(|| {
+            BenchError::Input(format!(
+                "--external {spec:?}: expected NAME=COMMAND TEMPLATE"
+            ))
+        })?;
         let name_ok = !name.is_empty()
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !name_ok {
-            return Err(format!(
+            return Err(BenchError::Input(format!(
                 "--external: bad name {name:?} (letters, digits, - _ .)"
-            ));
+            )));
         }
         if !template.contains("{socket}") {
-            return Err(format!(
+            return Err(BenchError::Input(format!(
                 "--external {name}: the template must contain {{socket}} (the vhost-user socket to listen on)"
-            ));
+            )));
         }
         Ok(Backend::External {
             name: name.into(),
@@ -137,7 +141,7 @@ impl Backend {
     /// The configuration's name in reports: `off`, `adaptive:500`, `qemu-tap`, `qemu-tap-txtimer`.
     pub fn name(&self) -> String {
         match self {
-            Backend::Ours { mode } => mode.clone(),
+            Backend::Ours { mode } => mode.to_string(),
             Backend::QemuTap { tx_timer: false } => "qemu-tap".into(),
             Backend::QemuTap { tx_timer: true } => "qemu-tap-txtimer".into(),
             Backend::External { name, .. } => format!("ext:{name}"),
@@ -146,28 +150,22 @@ impl Backend {
 }
 
 impl FromStr for Backend {
-    type Err = String;
+    type Err = BenchError;
 
-    /// `off`, `fixed:US`, `adaptive:US` (ours) or `qemu-tap`, `qemu-tap-txtimer` (peers).
+    /// `off`, `fixed:US`, `adaptive:US` (ours, the backend's own mode grammar) or `qemu-tap`,
+    /// `qemu-tap-txtimer` (peers).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "qemu-tap" => Ok(Backend::QemuTap { tx_timer: false }),
             "qemu-tap-txtimer" => Ok(Backend::QemuTap { tx_timer: true }),
-            _ => {
-                let (kind, us) = s.split_once(':').unwrap_or((s, ""));
-                let ok = match kind {
-                    "off" => us.is_empty(),
-                    "fixed" | "adaptive" => us.parse::<u32>().is_ok_and(|v| v > 0),
-                    _ => false,
-                };
-                if ok {
-                    Ok(Backend::Ours { mode: s.into() })
-                } else {
-                    Err(format!(
-                        "unknown configuration {s:?}: use off, fixed:US, adaptive:US, qemu-tap or qemu-tap-txtimer"
+            _ => s
+                .parse::<ModeSpec>()
+                .map(|mode| Backend::Ours { mode })
+                .map_err(|e| {
+                    BenchError::Input(format!(
+                        "unknown configuration {s:?}: {e}; or qemu-tap, qemu-tap-txtimer"
                     ))
-                }
-            }
+                }),
         }
     }
 }
@@ -323,7 +321,7 @@ mod tests {
     #[test]
     fn names_parse_and_print() {
         for w in Workload::ALL {
-            assert_eq!(w.name().parse::<Workload>(), Ok(w));
+            assert_eq!(w.name().parse::<Workload>().unwrap(), w);
         }
         assert!("iperf".parse::<Workload>().is_err());
         for c in [
@@ -335,7 +333,14 @@ mod tests {
         ] {
             assert_eq!(c.parse::<Backend>().unwrap().name(), c);
         }
-        for bad in ["on", "off:5", "fixed:", "adaptive:0", "qemu"] {
+        for bad in [
+            "on",
+            "off:5",
+            "fixed:",
+            "adaptive:0",
+            "adaptive:100001",
+            "qemu",
+        ] {
             assert!(bad.parse::<Backend>().is_err(), "{bad}");
         }
         let e =

@@ -1,12 +1,21 @@
 //! Parsers of the workload tools' output.
 
+use crate::error::{BenchError, Result};
+
+fn bad(tool: &'static str, msg: impl Into<String>) -> BenchError {
+    BenchError::Output {
+        tool,
+        msg: msg.into(),
+    }
+}
+
 /// Received throughput in Mb/s from an iperf3 `-J` report (TCP: `sum_received`; UDP: `sum`
 /// minus the lost share). Errors carry iperf3's own error text when it has one.
-pub fn iperf3_mbps(json: &str) -> Result<f64, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("iperf3 output is not JSON: {e}"))?;
+pub fn iperf3_mbps(json: &str) -> Result<f64> {
+    let v: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| bad("iperf3", format!("output is not JSON: {e}")))?;
     if let Some(e) = v["error"].as_str() {
-        return Err(format!("iperf3: {e}"));
+        return Err(bad("iperf3", e));
     }
     let end = &v["end"];
     if let Some(b) = end["sum_received"]["bits_per_second"].as_f64() {
@@ -15,7 +24,7 @@ pub fn iperf3_mbps(json: &str) -> Result<f64, String> {
     let s = &end["sum"];
     match s["bits_per_second"].as_f64() {
         Some(b) => Ok(b * (1.0 - s["lost_percent"].as_f64().unwrap_or(0.0) / 100.0) / 1e6),
-        None => Err("iperf3 report has no end.sum_received or end.sum".into()),
+        None => Err(bad("iperf3", "report has no end.sum_received or end.sum")),
     }
 }
 
@@ -43,11 +52,11 @@ fn first_number(s: &str) -> Option<f64> {
 }
 
 /// Parses ApacheBench's report.
-pub fn ab(text: &str) -> Result<AbResult, String> {
+pub fn ab(text: &str) -> Result<AbResult> {
     let num = |label: &str| {
         after(text, label)
             .and_then(first_number)
-            .ok_or_else(|| format!("ab output lacks {label:?}"))
+            .ok_or_else(|| bad("ab", format!("output lacks {label:?}")))
     };
     let complete = num("Complete requests:")? as u64;
     let failed = num("Failed requests:")? as u64;
@@ -65,7 +74,7 @@ pub fn ab(text: &str) -> Result<AbResult, String> {
     let secs = num("Time taken for tests:")?;
     let bytes = num("Total transferred:")?;
     if secs <= 0.0 || bytes <= 0.0 {
-        return Err("ab moved no data".into());
+        return Err(bad("ab", "moved no data"));
     }
     Ok(AbResult {
         complete,
@@ -86,14 +95,14 @@ pub fn ping_rtts_ms(text: &str) -> Vec<f64> {
 }
 
 /// tbench's final throughput in MB/s.
-pub fn tbench_mbs(text: &str) -> Result<f64, String> {
+pub fn tbench_mbs(text: &str) -> Result<f64> {
     text.lines()
         .rev()
         .find_map(|l| {
             let t = l.trim_start().strip_prefix("Throughput ")?;
             first_number(t)
         })
-        .ok_or_else(|| "tbench output has no 'Throughput N MB/sec' line".into())
+        .ok_or_else(|| bad("tbench", "output has no 'Throughput N MB/sec' line"))
 }
 
 /// Sum of the interrupts of the lines of `/proc/interrupts` whose name contains `dev`.
@@ -117,11 +126,14 @@ mod tests {
     #[test]
     fn iperf3_tcp_udp_and_errors() {
         let tcp = r#"{"end":{"sum_sent":{"bits_per_second":2e9},"sum_received":{"bits_per_second":1.5e9}}}"#;
-        assert_eq!(iperf3_mbps(tcp), Ok(1500.0));
+        assert_eq!(iperf3_mbps(tcp).unwrap(), 1500.0);
         let udp = r#"{"end":{"sum":{"bits_per_second":1e8,"lost_percent":10.0}}}"#;
         assert!((iperf3_mbps(udp).unwrap() - 90.0).abs() < 1e-9);
         let err = r#"{"start":{},"error":"unable to connect to server: Connection refused"}"#;
-        assert!(iperf3_mbps(err).unwrap_err().contains("Connection refused"));
+        assert!(iperf3_mbps(err)
+            .unwrap_err()
+            .to_string()
+            .contains("Connection refused"));
         assert!(iperf3_mbps("garbage").is_err());
         assert!(iperf3_mbps("{}").is_err());
     }
@@ -140,9 +152,11 @@ mod tests {
         assert!((r.mbps - 400.0).abs() < 1e-9, "{}", r.mbps);
         assert!(ab("Time taken for tests: 5 seconds\nComplete requests: 0\nFailed requests: 0\nTotal transferred: 0 bytes\n")
             .unwrap_err()
+            .to_string()
             .contains("no data"));
         assert!(ab("Complete requests: 3\n")
             .unwrap_err()
+            .to_string()
             .contains("Failed requests"));
     }
 
@@ -151,7 +165,7 @@ mod tests {
         let p = "64 bytes from 10.0.0.2: icmp_seq=1 ttl=64 time=0.412 ms\n64 bytes from 10.0.0.2: icmp_seq=2 ttl=64 time=1.5 ms\n--- stats ---\nrtt min/avg/max/mdev = 0.412/0.956/1.500/0.544 ms\n";
         assert_eq!(ping_rtts_ms(p), vec![0.412, 1.5]);
         let t = "  100    1234   55.12 MB/sec  warmup   1 sec\nThroughput 61.2345 MB/sec  100 clients  100 procs  max_latency=101.2 ms\n";
-        assert_eq!(tbench_mbs(t), Ok(61.2345));
+        assert_eq!(tbench_mbs(t).unwrap(), 61.2345);
         assert!(tbench_mbs("nothing").is_err());
         let irq = "           CPU0       CPU1\n 24:        100        20   PCI-MSIX-0000:00:03.0   1-edge      virtio1-input.0\n 25:          5          0   PCI-MSIX-0000:00:03.0   2-edge      virtio1-output.0\n 26:          9          9   PCI-MSIX   0-edge      virtio0-config\n";
         assert_eq!(interrupts(irq, "virtio1-"), 125);

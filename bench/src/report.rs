@@ -5,93 +5,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::error::{BenchError, Result};
+use crate::figures::{metrics, summary, Metric};
 use crate::model::{Campaign, RunResult};
-use crate::stats::Summary;
-
-/// A metric of a run, for tables.
-pub struct Metric {
-    /// Column title.
-    pub title: &'static str,
-    /// How to read it.
-    pub get: fn(&RunResult) -> Option<f64>,
-}
-
-/// The columns of the report's tables.
-pub fn metrics() -> Vec<Metric> {
-    vec![
-        Metric {
-            title: "throughput Mb/s",
-            get: |r| r.throughput_mbps,
-        },
-        Metric {
-            title: "requests/s",
-            get: |r| r.requests_per_s,
-        },
-        Metric {
-            title: "RTT p50 ms",
-            get: |r| r.rtt_p50_ms,
-        },
-        Metric {
-            title: "RTT p99 ms",
-            get: |r| r.rtt_p99_ms,
-        },
-        Metric {
-            title: "guest irq/s",
-            get: |r| Some(r.guest_irqs_per_s),
-        },
-        Metric {
-            title: "irq/packet",
-            get: |r| r.irqs_per_packet,
-        },
-        Metric {
-            title: "kicks/s",
-            get: |r| r.kicks_per_s,
-        },
-        Metric {
-            title: "kicks/packet",
-            get: |r| r.kicks_per_packet,
-        },
-        Metric {
-            title: "backend CPU s",
-            get: |r| r.backend_cpu_s,
-        },
-        Metric {
-            title: "QEMU CPU s",
-            get: |r| Some(r.qemu_cpu_s),
-        },
-        Metric {
-            title: "backend ctxsw",
-            get: |r| r.backend_ctx_switches.map(|v| v as f64),
-        },
-        Metric {
-            title: "QEMU ctxsw",
-            get: |r| Some(r.qemu_ctx_switches as f64),
-        },
-        Metric {
-            title: "watts",
-            get: |r| r.watts,
-        },
-        Metric {
-            title: "joules",
-            get: |r| r.joules,
-        },
-        Metric {
-            title: "J/GB",
-            get: |r| r.joules_per_gb,
-        },
-    ]
-}
-
-/// The summary of metric `m` over the successful runs of `config` × `workload`.
-pub fn summary(c: &Campaign, config: &str, workload: &str, m: &Metric) -> Option<Summary> {
-    let v: Vec<f64> = c
-        .runs
-        .iter()
-        .filter(|r| r.config == config && r.workload == workload && r.error.is_none())
-        .filter_map(|r| (m.get)(r))
-        .collect();
-    Summary::of(&v)
-}
 
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
@@ -287,15 +203,14 @@ pub fn markdown(c: &Campaign) -> String {
 }
 
 /// Writes `results.json`, `results.csv` and `report.md` into `dir`.
-pub fn write_all(c: &Campaign, dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn write_all(c: &Campaign, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(BenchError::file(dir))?;
     let w = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text)
-            .map_err(|e| format!("{}: {e}", dir.join(name).display()))
+        std::fs::write(dir.join(name), text).map_err(BenchError::file(dir.join(name)))
     };
     w(
         "results.json",
-        serde_json::to_string_pretty(c).map_err(|e| e.to_string())?,
+        serde_json::to_string_pretty(c).expect("a campaign serializes"),
     )?;
     w("results.csv", csv(c))?;
     w("report.md", markdown(c))?;
@@ -304,10 +219,13 @@ pub fn write_all(c: &Campaign, dir: &Path) -> Result<(), String> {
 }
 
 /// Reads `results.json` from `dir`.
-pub fn load(dir: &Path) -> Result<Campaign, String> {
+pub fn load(dir: &Path) -> Result<Campaign> {
     let p = dir.join("results.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+    let text = std::fs::read_to_string(&p).map_err(BenchError::file(&p))?;
+    serde_json::from_str(&text).map_err(|e| BenchError::Parse {
+        path: p,
+        msg: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -8,6 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vnb_common::procfs;
+
+use crate::backend::BackendSpec;
+use crate::error::{sh, BenchError, Result};
 use crate::model::{Backend, Campaign, Machine, RunResult, Workload};
 use crate::parse;
 use crate::stats::percentile;
@@ -40,51 +44,6 @@ pub struct RunOptions {
     pub scratch: PathBuf,
 }
 
-pub(crate) fn sh(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `utime + stime` of a process, in seconds.
-pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(rest) = text.rfind(')').map(|i| &text[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of stat; `rest` starts at field 3.
-    (t(11) + t(12)) / hz
-}
-
-/// Voluntary + involuntary context switches of every thread of a process.
-fn ctx_switches(pid: u32) -> u64 {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
-}
-
 /// One configuration's VM: namespace, backend, QEMU. Dropping it tears everything down.
 struct Vm {
     repo: PathBuf,
@@ -94,7 +53,6 @@ struct Vm {
     backend: Option<Child>,
     control: Option<PathBuf>,
     agent: PathBuf,
-    backend_bin: Option<PathBuf>,
 }
 
 impl Drop for Vm {
@@ -122,7 +80,7 @@ impl Drop for Vm {
 }
 
 impl Vm {
-    fn gexec(&self, cmd: &str) -> Result<String, String> {
+    fn gexec(&self, cmd: &str) -> Result<String> {
         sh(Command::new(self.repo.join("ci/gexec.py")).args([
             self.agent.to_str().unwrap_or_default(),
             "--timeout",
@@ -139,19 +97,8 @@ impl Vm {
     }
 
     fn kicks(&self) -> Option<u64> {
-        let ctl = self.control.as_ref()?;
-        let bin = self.backend_bin.as_ref()?;
-        let out = sh(Command::new(bin).args([
-            "ctl",
-            "--control",
-            ctl.to_str()?,
-            "stats",
-            "bench",
-            "--json",
-        ]))
-        .ok()?;
-        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-        Some(v["total"]["tx_kicks"].as_u64()? + v["total"]["rx_kicks"].as_u64()?)
+        let s = vhost_net_batch::control_socket::stats(self.control.as_ref()?, "bench").ok()?;
+        Some(s.total.tx_kicks + s.total.rx_kicks)
     }
 }
 
@@ -169,18 +116,16 @@ struct Snap {
 
 /// Runs a campaign. Results of failed runs are recorded with their error; setting up a VM
 /// that fails is an error for the whole campaign (nothing would be comparable).
-pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign, String> {
-    let kind: power::source::SourceKind = opts.power_source.parse()?;
-    let sources = power::source::open_sources(
-        &[kind],
-        &power::source::SourceOptions::from_env().map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("power source: {e}"))?;
+pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign> {
+    let kind: power::SourceKind = opts
+        .power_source
+        .parse()
+        .map_err(|e| BenchError::Input(format!("--power-source: {e}")))?;
+    let sources = power::open_sources(&[kind], &power::SourceOptions::from_env()?)?;
     let sampler = power::Sampler::start(
         sources,
         power::SamplerConfig::every(Duration::from_millis(100)),
-    )
-    .map_err(|e| format!("power sampler: {e}"))?;
+    )?;
     let energy_kind = sampler.kind().to_string();
     let mut camp = Campaign {
         command: opts.command.clone(),
@@ -289,12 +234,12 @@ fn machine(vnb: &Path) -> Machine {
     }
 }
 
-fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, String> {
+fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm> {
     let ns = format!("vnbb{}c{ci}r{rep}", std::process::id() % 10000);
     let dir = opts
         .scratch
         .join(format!("{}-{ci}-{rep}", cfg.name().replace(':', "_")));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(BenchError::file(&dir))?;
     sh(Command::new(opts.repo.join("ci/netns.sh")).args(["create", &ns]))?;
     let mut vm = Vm {
         repo: opts.repo.clone(),
@@ -304,7 +249,6 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, Str
         backend: None,
         control: None,
         agent: dir.join("agent"),
-        backend_bin: None,
     };
     let qemu_run = opts.repo.join("ci/qemu-run.sh");
     let common = |c: &mut Command| {
@@ -315,68 +259,26 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, Str
             .arg(dir.join("console.log"));
     };
     let qemu_out = match cfg {
-        Backend::Ours { mode } => {
+        Backend::Ours { .. } | Backend::External { .. } => {
             let sock = dir.join("vm.sock");
             let ctl = dir.join("ctl.sock");
-            let log = std::fs::File::create(dir.join("backend.log")).map_err(|e| e.to_string())?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(&opts.vnb_bin)
-                .args([
-                    "serve", "--vm", "bench", "--tap", TAP, "--mac", GUEST_MAC, "--mode", mode,
-                ])
-                .arg("--socket")
-                .arg(&sock)
-                .arg("--control")
-                .arg(&ctl)
-                .args(["--log", "warn"])
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", opts.vnb_bin.display()))?;
-            vm.backend = Some(child);
-            vm.control = Some(ctl);
-            vm.backend_bin = Some(opts.vnb_bin.clone());
-            let end = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() {
-                if Instant::now() > end {
-                    return Err(format!(
-                        "backend did not start: {}",
-                        std::fs::read_to_string(dir.join("backend.log")).unwrap_or_default()
-                    ));
+            let ours = matches!(cfg, Backend::Ours { .. });
+            vm.backend = Some(
+                BackendSpec {
+                    config: cfg,
+                    vnb_bin: &opts.vnb_bin,
+                    ns: &ns,
+                    vm: "bench",
+                    tap: TAP,
+                    mac: GUEST_MAC,
+                    socket: &sock,
+                    control: ours.then_some(ctl.as_path()),
+                    log: dir.join("backend.log"),
                 }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            sh(Command::new(opts.repo.join("ci/netns.sh")).args(["addr", &ns, TAP, HOST_IP]))?;
-            let mut c = Command::new(&qemu_run);
-            c.arg("--vhost-user").arg(&sock);
-            common(&mut c);
-            sh(&mut c)?
-        }
-        Backend::External { template, .. } => {
-            let sock = dir.join("vm.sock");
-            let cmd = Backend::fill(template, &sock.to_string_lossy(), TAP, GUEST_MAC);
-            let log = std::fs::File::create(dir.join("backend.log")).map_err(|e| e.to_string())?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "sh", "-c", &format!("exec {cmd}")])
-                .stdout(log.try_clone().map_err(|e| e.to_string())?)
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("cannot start the external backend: {e}"))?;
-            vm.backend = Some(child);
-            let end = Instant::now() + Duration::from_secs(30);
-            while !sock.exists() || sh(&mut vm.host(&["ip", "link", "show", TAP])).is_err() {
-                let exited = vm
-                    .backend
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                if Instant::now() > end || exited.is_some() {
-                    return Err(format!(
-                        "external backend {cmd:?} did not create {} and tap {TAP}: {}",
-                        sock.display(),
-                        std::fs::read_to_string(dir.join("backend.log")).unwrap_or_default()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                .start()?,
+            );
+            if ours {
+                vm.control = Some(ctl);
             }
             sh(Command::new(opts.repo.join("ci/netns.sh")).args(["addr", &ns, TAP, HOST_IP]))?;
             let mut c = Command::new(&qemu_run);
@@ -395,7 +297,7 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, Str
             let end = Instant::now() + Duration::from_secs(10);
             while sh(&mut vm.host(&["ip", "link", "show", TAP])).is_err() {
                 if Instant::now() > end {
-                    return Err("QEMU did not create its tap".into());
+                    return Err(BenchError::Setup("QEMU did not create its tap".into()));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -403,10 +305,10 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, Str
             out
         }
     };
-    let pid: u32 = qemu_out
-        .trim()
-        .parse()
-        .map_err(|_| format!("qemu-run.sh printed {qemu_out:?}, not a pid"))?;
+    let pid: u32 = qemu_out.trim().parse().map_err(|_| BenchError::Output {
+        tool: "qemu-run.sh",
+        msg: format!("printed {qemu_out:?}, not a pid"),
+    })?;
     vm.qemu_pid = Some(pid);
     sh(Command::new(opts.repo.join("ci/gexec.py")).args([
         vm.agent.to_str().unwrap_or_default(),
@@ -416,10 +318,10 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm, Str
         &pid.to_string(),
     ]))
     .map_err(|e| {
-        format!(
+        BenchError::Setup(format!(
             "guest did not come up: {e}\nconsole:\n{}",
             std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
-        )
+        ))
     })?;
     Ok(vm)
 }
@@ -428,7 +330,7 @@ fn vm_agent(dir: &Path) -> PathBuf {
     dir.join("agent")
 }
 
-fn snap(vm: &Vm) -> Result<Snap, String> {
+fn snap(vm: &Vm) -> Result<Snap> {
     let text = vm.gexec(
         "cat /proc/interrupts; echo PKTS $(cat /sys/class/net/eth0/statistics/rx_packets) $(cat /sys/class/net/eth0/statistics/tx_packets)",
     )?;
@@ -447,10 +349,10 @@ fn snap(vm: &Vm) -> Result<Snap, String> {
         irqs: parse::interrupts(&text, "virtio1-"),
         packets,
         kicks: vm.kicks(),
-        backend_cpu: backend.map(cpu_seconds),
-        qemu_cpu: cpu_seconds(qemu),
-        backend_ctx: backend.map(ctx_switches),
-        qemu_ctx: ctx_switches(qemu),
+        backend_cpu: backend.map(|p| procfs::cpu_seconds(p).unwrap_or(0.0)),
+        qemu_cpu: procfs::cpu_seconds(qemu).unwrap_or(0.0),
+        backend_ctx: backend.map(|p| procfs::context_switches(p).unwrap_or(0)),
+        qemu_ctx: procfs::context_switches(qemu).unwrap_or(0),
     })
 }
 
@@ -461,7 +363,7 @@ fn run_one(vm: &Vm, opts: &RunOptions, w: Workload, sampler: &power::Sampler) ->
         ..Default::default()
     };
     if let Err(e) = measure(vm, opts, w, sampler, &mut r) {
-        r.error = Some(e);
+        r.error = Some(e.to_string());
     }
     r
 }
@@ -472,10 +374,10 @@ fn measure(
     w: Workload,
     sampler: &power::Sampler,
     r: &mut RunResult,
-) -> Result<(), String> {
+) -> Result<()> {
     let d = opts.duration.to_string();
     let a = snap(vm)?;
-    let m0 = sampler.mark().map_err(|e| e.to_string())?;
+    let m0 = sampler.mark()?;
     let t0 = Instant::now();
     let mut bytes: Option<f64> = None;
     match w {
@@ -501,10 +403,10 @@ fn measure(
             let out = sh(&mut vm.host(&["tbench", "-t", &d, "100", GUEST_IP]))?;
             let mbs = parse::tbench_mbs(&out)?;
             if mbs <= 0.0 {
-                return Err(format!(
+                return Err(BenchError::Workload(format!(
                     "tbench finished no operation in {d} s (100 clients on a TCG guest need a \
                      few seconds to start: use a longer --duration)"
-                ));
+                )));
             }
             r.throughput_mbps = Some(mbs * 8.0 * 1.048_576);
         }
@@ -517,24 +419,30 @@ fn measure(
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
-                .map_err(|e| format!("iperf3: {e}"))?;
+                .map_err(|source| BenchError::Spawn {
+                    cmd: "iperf3".into(),
+                    source,
+                })?;
             std::thread::sleep(Duration::from_secs(1));
             let count = (opts.duration * 100).to_string();
             let ping = sh(&mut vm.host(&["ping", "-c", &count, "-i", "0.01", "-W", "1", GUEST_IP]));
             let out = load
                 .wait_with_output()
-                .map_err(|e| format!("iperf3: {e}"))?;
+                .map_err(|source| BenchError::Spawn {
+                    cmd: "iperf3".into(),
+                    source,
+                })?;
             let ping = ping?;
             if !out.status.success() {
-                return Err(format!(
+                return Err(BenchError::Workload(format!(
                     "background iperf3 failed: {}",
                     String::from_utf8_lossy(&out.stderr)
-                ));
+                )));
             }
             r.throughput_mbps = Some(parse::iperf3_mbps(&String::from_utf8_lossy(&out.stdout))?);
             let rtts = parse::ping_rtts_ms(&ping);
             if rtts.is_empty() {
-                return Err("no ping replies under load".into());
+                return Err(BenchError::Workload("no ping replies under load".into()));
             }
             r.rtt_p50_ms = percentile(&rtts, 50.0);
             r.rtt_p99_ms = percentile(&rtts, 99.0);
@@ -544,14 +452,14 @@ fn measure(
             let out = sh(&mut vm.host(&["ping", "-c", &count, "-i", "0.01", "-W", "1", GUEST_IP]))?;
             let rtts = parse::ping_rtts_ms(&out);
             if rtts.is_empty() {
-                return Err("no ping replies".into());
+                return Err(BenchError::Workload("no ping replies".into()));
             }
             r.rtt_p50_ms = percentile(&rtts, 50.0);
             r.rtt_p99_ms = percentile(&rtts, 99.0);
         }
     }
     let secs = t0.elapsed().as_secs_f64();
-    let m1 = sampler.mark().map_err(|e| e.to_string())?;
+    let m1 = sampler.mark()?;
     let b = snap(vm)?;
     let iv = sampler.between(&m0, &m1);
     r.seconds = secs;

@@ -1,4 +1,4 @@
-//! The guest ↔ device control message, wire format v1 (DESIGN.md §5).
+//! The guest ↔ device control message, wire format v1 (docs/design.md §5).
 //!
 //! An Ethernet frame with EtherType 0x88B5 whose payload is 40 little-endian bytes, optionally
 //! followed by zero padding up to 64 payload bytes. Parsing validates everything, never panics,

@@ -136,16 +136,7 @@ pub fn parse_proc_stat(text: &str) -> Result<ProcStat, String> {
     })
 }
 
-/// Clock ticks per second of `/proc/stat` (`sysconf(_SC_CLK_TCK)`, normally 100).
-pub fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as f64
-    } else {
-        100.0
-    }
-}
+pub use vnb_common::procfs::clock_ticks_per_second;
 
 /// The CPU-time estimate as an [`EnergySource`] (kind [`Kind::Estimate`], domain `cpu-estimate`).
 #[derive(Debug)]

@@ -9,8 +9,8 @@
 //!   per domain between marks, idle baseline.
 //! * [`vm`]: per-VM energy: idle (base) part split evenly, active part by CPU time (after Lang).
 //!
-//! Sources are chosen by [`source::open_sources`] (`auto` or by name) and listed, with the reason
-//! when unusable, by [`source::list_sources`]. All paths are relative to a [`platform::Platform`], so
+//! Sources are chosen by [`registry::open_sources`] (`auto` or by name) and listed, with the
+//! reason when unusable, by [`registry::list_sources`]. All paths are relative to a [`platform::Platform`], so
 //! recorded sysfs trees can be replayed (`vnb-power --sysfs-root DIR`).
 
 #![warn(missing_docs)]
@@ -18,8 +18,10 @@
 pub mod counter;
 pub mod error;
 pub mod estimate;
+pub mod periodic;
 pub mod platform;
 pub mod rapl;
+pub mod registry;
 pub mod report;
 pub mod sampler;
 pub mod source;
@@ -29,8 +31,7 @@ pub mod wall;
 pub use error::PowerError;
 pub use estimate::EstimateModel;
 pub use platform::Platform;
+pub use registry::{list_sources, open_sources, SourceKind, SourceOptions};
 pub use sampler::{Baseline, Interval, Mark, Sampler, SamplerConfig};
-pub use source::{
-    list_sources, open_sources, DomainInfo, EnergySource, Kind, Quantity, SourceKind, SourceOptions,
-};
+pub use source::{DomainInfo, EnergySource, Kind, Quantity};
 pub use vm::{MeterConfig, VmEnergyHandle, VmEnergyMeter, VmTasks};

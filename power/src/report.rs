@@ -4,8 +4,9 @@
 
 use std::fmt::Write as _;
 
+use crate::registry::Availability;
 use crate::sampler::Interval;
-use crate::source::{Availability, Kind};
+use crate::source::Kind;
 
 fn tag(kind: Kind) -> &'static str {
     match kind {

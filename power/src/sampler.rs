@@ -4,7 +4,7 @@
 //! ```no_run
 //! use std::time::Duration;
 //! use power::sampler::{Sampler, SamplerConfig};
-//! use power::source::{open_sources, SourceKind, SourceOptions};
+//! use power::registry::{open_sources, SourceKind, SourceOptions};
 //!
 //! let sources = open_sources(&[SourceKind::Auto], &SourceOptions::default())?;
 //! let sampler = Sampler::start(sources, SamplerConfig::every(Duration::from_millis(200)))?;
@@ -28,13 +28,14 @@
 //!
 //! [`SamplerCore`] is the same logic without the thread, driven with explicit times by tests.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::error::PowerError;
+use crate::periodic::{lock, BackgroundThread, StopSignal};
 use crate::source::{DomainInfo, EnergySource, Kind, Quantity};
 
 /// Sampler settings.
@@ -568,19 +569,13 @@ pub fn interval_between(
 
 struct Shared {
     core: Mutex<SamplerCore>,
-    stop: Mutex<bool>,
-    wake: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The running sampler: a thread reading every source every `interval`.
 pub struct Sampler {
     shared: Arc<Shared>,
     meta: Vec<SourceMeta>,
-    thread: Option<JoinHandle<()>>,
+    thread: BackgroundThread,
     config: SamplerConfig,
 }
 
@@ -604,18 +599,16 @@ impl Sampler {
         let meta = core.meta();
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
         });
         let th_shared = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name("vnb-power-sampler".into())
-            .spawn(move || run(th_shared, config.interval))
-            .map_err(|e| PowerError::Config(format!("cannot start the sampler thread: {e}")))?;
+        let thread = BackgroundThread::spawn("vnb-power-sampler", move |stop| {
+            run(&th_shared, config.interval, stop)
+        })
+        .map_err(|e| PowerError::Config(format!("cannot start the sampler thread: {e}")))?;
         Ok(Sampler {
             shared,
             meta,
-            thread: Some(thread),
+            thread,
             config,
         })
     }
@@ -667,44 +660,16 @@ impl Sampler {
     }
 
     /// Stop the thread and wait for it.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        *lock(&self.shared.stop) = true;
-        self.shared.wake.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn run(shared: Arc<Shared>, interval: Duration) {
+fn run(shared: &Shared, interval: Duration, stop: &StopSignal) {
     let mut next = Instant::now() + interval;
     loop {
-        {
-            let mut stop = lock(&shared.stop);
-            loop {
-                if *stop {
-                    return;
-                }
-                let now = Instant::now();
-                if now >= next {
-                    break;
-                }
-                stop = shared
-                    .wake
-                    .wait_timeout(stop, next - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+        if stop.wait_until(next) {
+            return;
         }
         // The time is taken under the lock: a mark() from another thread may have read in
         // between, and a read stamped earlier than the one before it would look like a counter

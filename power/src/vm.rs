@@ -34,29 +34,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::error::PowerError;
+use crate::periodic::{lock, BackgroundThread};
 use crate::sampler::{Mark, Sampler};
 use crate::source::Kind;
 
-/// A task whose CPU time is charged to a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Task {
-    /// A whole process (all its threads, including exited ones): `/proc/PID/stat`.
-    Process(u32),
-    /// One thread of a process: `/proc/PID/task/TID/stat`.
-    Thread {
-        /// The process (thread group) id.
-        pid: u32,
-        /// The thread id (`gettid()`).
-        tid: u32,
-    },
-}
+/// A task whose CPU time is charged to a VM: a whole process (`/proc/PID/stat`, all its threads,
+/// exited ones included) or one thread (`/proc/PID/task/TID/stat`).
+pub use vnb_common::procfs::Task;
 
 /// The tasks of one VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,33 +74,9 @@ impl VmTasks {
     }
 }
 
-/// `utime + stime` (clock ticks) from the text of a `stat` file.
-pub fn parse_stat_cpu_ticks(text: &str) -> Result<u64, String> {
-    // The command name (field 2) is in parentheses and may contain spaces and ')'.
-    let close = text.rfind(')').ok_or("no ')' after the command name")?;
-    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime field 15.
-    let field = |i: usize| -> Result<u64, String> {
-        rest.get(i)
-            .ok_or_else(|| format!("stat has only {} fields after the name", rest.len()))?
-            .parse::<u64>()
-            .map_err(|e| format!("bad number in field {}: {e}", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
-}
-
-/// The `stat` file of a task under `proc_root`.
-pub fn task_stat_path(proc_root: &Path, task: Task) -> PathBuf {
-    match task {
-        Task::Process(pid) => proc_root.join(format!("{pid}/stat")),
-        Task::Thread { pid, tid } => proc_root.join(format!("{pid}/task/{tid}/stat")),
-    }
-}
-
-/// Read a task's `utime + stime` in clock ticks.
+/// Read a task's `utime + stime` in clock ticks under `proc_root`.
 pub fn task_cpu_ticks(proc_root: &Path, task: Task) -> io::Result<u64> {
-    let text = std::fs::read_to_string(task_stat_path(proc_root, task))?;
-    parse_stat_cpu_ticks(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    task.cpu_ticks(proc_root)
 }
 
 /// One VM's part of an interval's energy.
@@ -206,7 +172,7 @@ impl VmEnergyAccountant {
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
         VmEnergyAccountant {
             proc_root: proc_root.into(),
-            hz: crate::estimate::clock_ticks_per_second(),
+            hz: vnb_common::procfs::clock_ticks_per_second(),
             vms: BTreeMap::new(),
         }
     }
@@ -364,12 +330,6 @@ struct MeterShared {
     sampler: Sampler,
     state: Mutex<MeterState>,
     base_watts: f64,
-    stop: Mutex<bool>,
-    wake: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl MeterShared {
@@ -401,7 +361,7 @@ impl MeterShared {
 /// Apportions the sampler's energy to VMs every period, in a thread.
 pub struct VmEnergyMeter {
     shared: Arc<MeterShared>,
-    thread: Option<JoinHandle<()>>,
+    thread: BackgroundThread,
 }
 
 /// A cheap, cloneable handle a backend keeps to register VMs and read their energy.
@@ -451,33 +411,18 @@ impl VmEnergyMeter {
                 status: MeterStatus::default(),
             }),
             base_watts,
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
         });
         let th = Arc::clone(&shared);
         let period = config.period;
-        let thread = thread::Builder::new()
-            .name("vnb-power-vm-meter".into())
-            .spawn(move || loop {
-                {
-                    let stop = lock(&th.stop);
-                    let (stop, _) = th
-                        .wake
-                        .wait_timeout_while(stop, period, |s| !*s)
-                        .unwrap_or_else(|e| e.into_inner());
-                    if *stop {
-                        return;
-                    }
-                }
+        let thread = BackgroundThread::spawn("vnb-power-vm-meter", move |stop| {
+            while !stop.wait_until(std::time::Instant::now() + period) {
                 if let Err(e) = th.step() {
                     tracing::warn!("per-VM energy: {e}");
                 }
-            })
-            .map_err(|e| PowerError::Config(format!("cannot start the meter thread: {e}")))?;
-        Ok(VmEnergyMeter {
-            shared,
-            thread: Some(thread),
+            }
         })
+        .map_err(|e| PowerError::Config(format!("cannot start the meter thread: {e}")))?;
+        Ok(VmEnergyMeter { shared, thread })
     }
 
     /// A handle for the backend.
@@ -488,22 +433,8 @@ impl VmEnergyMeter {
     }
 
     /// Stop the meter thread (the sampler stops when the last handle is dropped).
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        *lock(&self.shared.stop) = true;
-        self.shared.wake.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for VmEnergyMeter {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.thread.stop();
     }
 }
 
@@ -567,18 +498,6 @@ impl VmEnergyHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stat_fields_with_tricky_command_names() {
-        let line =
-            "1234 (qemu-system-x86) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0 \
-                    100 1000 200 18446744073709551615\n";
-        assert_eq!(parse_stat_cpu_ticks(line).unwrap(), 325);
-        let odd = "77 (a) b (c)) R 1 77 77 0 -1 0 0 0 0 0 11 22 0 0 20 0 1 0 5 0 0\n";
-        assert_eq!(parse_stat_cpu_ticks(odd).unwrap(), 33);
-        assert!(parse_stat_cpu_ticks("12 (x) S 1 2").is_err());
-        assert!(parse_stat_cpu_ticks("garbage").is_err());
-    }
 
     #[test]
     fn apportion_sums_to_total() {

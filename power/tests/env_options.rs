@@ -2,7 +2,7 @@
 //! backend and the benchmark read them. One test in its own binary: it sets process-wide
 //! environment variables.
 
-use power::source::SourceOptions;
+use power::SourceOptions;
 
 #[test]
 fn model_and_meter_from_the_environment_and_bad_values_rejected() {

@@ -10,7 +10,7 @@ use control_msg::{ENERGY_UNKNOWN, MAX_FRAME_LEN};
 
 use crate::control::{ControlCounts, ControlPlane, Outcome};
 use crate::metrics::VmMetrics;
-use crate::policy::{Delays, ModeKind, Policy, PolicyConfig, PolicyView};
+use crate::policy::{Delays, ModeKind, Policy, PolicyConfig, PolicyView, Valves};
 
 /// Gives a VM's apportioned energy since attach, in µJ.
 pub type EnergySource = Box<dyn Fn() -> Option<u64> + Send + Sync>;
@@ -23,10 +23,11 @@ struct Inner {
 /// The batching state of one VM.
 pub struct VmBatching {
     inner: Mutex<Inner>,
-    /// Immutable part of the configuration (valves), readable without the lock.
-    cfg: PolicyConfig,
+    /// The valves never change while the VM runs: readable without the lock.
+    valves: Valves,
     rx_ns: AtomicU64,
     tx_ns: AtomicU64,
+    t_ns: AtomicU64,
     next_tick_ns: AtomicU64,
     energy: Mutex<Option<EnergySource>>,
     energy_kind: Mutex<Option<String>>,
@@ -59,9 +60,10 @@ impl VmBatching {
                 policy,
                 control: ControlPlane::new(now_ns),
             }),
-            cfg,
+            valves: cfg.valves,
             rx_ns: AtomicU64::new(0),
             tx_ns: AtomicU64::new(0),
+            t_ns: AtomicU64::new(0),
             energy: Mutex::new(None),
             energy_kind: Mutex::new(None),
         };
@@ -73,12 +75,13 @@ impl VmBatching {
         let d = p.delays();
         self.rx_ns.store(d.rx_ns, Relaxed);
         self.tx_ns.store(d.tx_ns, Relaxed);
+        self.t_ns.store(d.t_ns, Relaxed);
         self.next_tick_ns.store(p.next_tick_ns(), Relaxed);
     }
 
     /// The valve settings (frame cap, low water), fixed for the VM's life.
-    pub fn valves(&self) -> &PolicyConfig {
-        &self.cfg
+    pub fn valves(&self) -> Valves {
+        self.valves
     }
 
     /// The delays to apply at `now_ns`; advances the policy when an interval or rate window
@@ -93,6 +96,7 @@ impl VmBatching {
         Delays {
             rx_ns: self.rx_ns.load(Relaxed),
             tx_ns: self.tx_ns.load(Relaxed),
+            t_ns: self.t_ns.load(Relaxed),
         }
     }
 

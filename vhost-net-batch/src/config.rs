@@ -148,43 +148,52 @@ fn one() -> u16 {
     1
 }
 
-/// One VM served by the daemon.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// One VM served by the daemon: the one settings struct, read from the command line (one VM,
+/// `serve --vm NAME --socket PATH --tap NAME …`) and from TOML (`[[vm]]` tables, the same names
+/// with `name` for `--vm`), so a new setting is one field here.
+#[derive(Debug, Clone, PartialEq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
+#[group(id = "one_vm", multiple = true)]
 pub struct VmConfig {
-    /// Name used in logs, metrics and the control interface.
+    /// VM name, used in logs, metrics and the control interface ([A-Za-z0-9_.-], up to 64).
+    #[arg(long = "vm", value_name = "NAME")]
     pub name: String,
-    /// vhost-user socket path the daemon listens on.
+    /// vhost-user socket path to listen on.
+    #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
-    /// Tap interface (created if missing).
+    /// Tap interface to create or attach.
+    #[arg(long, value_name = "NAME")]
     pub tap: String,
-    /// Queue pairs (one worker thread each).
+    /// Queue pairs (one worker thread each), 1 to 16.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     #[serde(default = "one")]
     pub queues: u16,
-    /// The guest's MAC address (give QEMU the same with `-device virtio-net-pci,mac=`).
+    /// The guest's MAC address (give QEMU the same with `-device virtio-net-pci,mac=`); derived
+    /// from the name when absent.
+    #[arg(long)]
     #[serde(default)]
     pub mac: Option<MacAddr>,
-    /// Batching mode: `off`, `fixed[:US]`, `adaptive[:US]` (default adaptive).
-    #[serde(default, deserialize_with = "de_mode")]
+    /// Batching mode: off, fixed:US or adaptive:US (default adaptive with the budget).
+    #[arg(long, value_name = "MODE")]
+    #[serde(default)]
     pub mode: Option<ModeSpec>,
-    /// The VM's buffer budget in µs (the largest delay; default 500).
+    /// The VM's buffer budget: the largest delay in µs (default 500).
+    #[arg(long, value_name = "US")]
     #[serde(default)]
     pub budget_us: Option<u32>,
     /// EWMA smoothing factor α in [0, 1) (default 0.75).
+    #[arg(long, value_name = "A")]
     #[serde(default)]
     pub alpha: Option<f64>,
     /// EWMA update interval in ms (default 5000).
+    #[arg(long, value_name = "MS")]
     #[serde(default)]
     pub update_ms: Option<u32>,
-    /// Packet rate (both directions, per second) below which nothing is delayed (default
-    /// 1000; 0 delays at any rate, for tests and experiments).
+    /// Packet rate (both directions, per second) below which nothing is delayed (default 1000;
+    /// 0 delays at any rate, for tests and experiments).
+    #[arg(long, value_name = "N")]
     #[serde(default)]
     pub rate_floor_pps: Option<u32>,
-}
-
-fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ModeSpec>, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 impl VmConfig {

@@ -1,11 +1,11 @@
-//! Guest control frames (DESIGN.md §5): validate, rate-limit, apply to the policy, build the
+//! Guest control frames (docs/design.md §5): validate, rate-limit, apply to the policy, build the
 //! reply. Pure: the caller supplies the time and the energy figure, and puts the reply on the
 //! guest's RX queue.
 
 use control_msg::{
     parse_frame, Flags, Message, Op, ParseError, Status, DEVICE_MAC, ETH_HDR_LEN, MAX_FRAME_LEN,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{GuestPrefs, Policy};
 
@@ -65,7 +65,7 @@ pub enum Outcome {
 }
 
 /// Counters of control frames, per VM.
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ControlCounts {
     /// Valid requests acted on (including clamped ones).
     pub accepted: u64,

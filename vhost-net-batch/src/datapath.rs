@@ -154,26 +154,21 @@ pub trait TapIo {
 #[derive(Debug, Clone, Copy)]
 pub struct TapFd(pub RawFd);
 
+/// A byte count from a syscall, or its error.
+fn syscall_len(n: isize) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 impl TapIo for TapFd {
     fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: every iovec points into mapped guest memory or our scratch buffer, valid for
         // the call; the caller holds the guest memory guard.
-        let n = unsafe { libc::readv(self.0, iov.as_ptr(), iov.len() as libc::c_int) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        syscall_len(unsafe { libc::readv(self.0, iov.as_ptr(), iov.len() as libc::c_int) })
     }
 
     fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         // SAFETY: as for readv; the kernel only reads the buffers.
-        let n = unsafe { libc::writev(self.0, iov.as_ptr(), iov.len() as libc::c_int) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        syscall_len(unsafe { libc::writev(self.0, iov.as_ptr(), iov.len() as libc::c_int) })
     }
 }
 

@@ -1,23 +1,32 @@
-//! vhost-net-batch: a vhost-user virtio-net backend for stock QEMU.
+//! vhost-net-batch: a vhost-user virtio-net backend for stock QEMU that batches guest
+//! notifications to save host energy. The design contract is `docs/design.md`.
 //!
-//! Layout:
-//! - [`config`]: what an operator asks for (one VM by flags, many by TOML), validated;
-//! - [`tap`]: the host side, a tap with `IFF_VNET_HDR`;
+//! Layout, policy apart from mechanism:
+//! - [`config`]: what an operator asks for per VM (flags for one, TOML for many), validated;
+//! - [`policy`]: the batching policy, pure arithmetic over counters and a clock: delays, the
+//!   EWMA, and every signalling decision and safety valve;
+//! - [`batching`]: a VM's policy state shared by its workers and the operator interfaces;
+//! - [`control`]: the guest's in-band control frames (validate, rate-limit, apply, reply);
 //! - [`datapath`]: moving frames between virtqueues and the tap (mechanism, no policy);
-//! - [`device`]: the virtio-net device model and its queue-pair workers;
+//! - [`worker`]: one queue pair's worker: its steps, timers and events;
+//! - [`device`]: the virtio-net device model served to one frontend connection;
 //! - [`shim`]: the message-level shim that makes stock QEMU's connect sequence acceptable;
 //! - [`server`]: per-VM sockets, connections and reconnects;
-//! - [`metrics`]: counters per VM and queue pair.
+//! - [`tap`], [`timer`]: the tap device and the workers' `timerfd`s;
+//! - [`metrics`]: counters per VM and queue pair;
+//! - [`control_socket`], [`prometheus`]: the operator interfaces.
 
 pub mod batching;
 pub mod config;
 pub mod control;
+pub mod control_socket;
 pub mod datapath;
 pub mod device;
 pub mod metrics;
-pub mod ops;
 pub mod policy;
+pub mod prometheus;
 pub mod server;
 pub mod shim;
 pub mod tap;
 pub mod timer;
+pub mod worker;

@@ -5,10 +5,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use vhost_net_batch::config::{validate_all, FileConfig, MacAddr, VmConfig};
-use vhost_net_batch::ops::{request, serve_control, serve_metrics, Request, Vms};
-use vhost_net_batch::policy::PolicyError;
-use vhost_net_batch::server::{remove_private_dir, VmSlot};
+use thiserror::Error;
+use vhost_net_batch::config::{validate_all, ConfigError, FileConfig, VmConfig};
+use vhost_net_batch::control_socket::{
+    request, serve_control, ControlError, ListReply, Request, StatsReply, Vms,
+};
+use vhost_net_batch::policy::ModeSpec;
+use vhost_net_batch::prometheus::{serve_metrics, MetricsError};
+use vhost_net_batch::server::{remove_private_dir, ServeError, VmSlot};
 
 #[derive(Parser)]
 #[command(
@@ -60,7 +64,7 @@ enum CtlCmd {
         vm: String,
         /// off, fixed:US or adaptive:US.
         #[arg(long)]
-        mode: Option<String>,
+        mode: Option<ModeSpec>,
         /// Buffer budget in µs.
         #[arg(long)]
         budget_us: Option<u32>,
@@ -72,50 +76,31 @@ enum CtlCmd {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML file with [[vm]] tables (name, socket, tap, queues, mac).
-    #[arg(long, conflicts_with_all = ["vm", "socket", "tap", "queues", "mac", "mode", "budget_us", "alpha", "update_ms", "rate_floor_pps"])]
+    /// TOML file with [[vm]] tables (the per-VM flags below as keys, `name` for --vm).
+    #[arg(long, conflicts_with = "one_vm")]
     config: Option<PathBuf>,
-    /// VM name (logs, metrics).
-    #[arg(long)]
-    vm: Option<String>,
-    /// vhost-user socket path to listen on.
-    #[arg(long, requires = "vm")]
-    socket: Option<PathBuf>,
-    /// Tap interface to create or attach.
-    #[arg(long, requires = "vm")]
-    tap: Option<String>,
-    /// Queue pairs (one worker thread each).
-    #[arg(long, default_value_t = 1)]
-    queues: u16,
-    /// The guest's MAC address (give QEMU the same).
-    #[arg(long)]
-    mac: Option<String>,
-    /// Batching mode: off, fixed:US or adaptive:US (default adaptive with --budget-us).
-    #[arg(long)]
-    mode: Option<String>,
-    /// The VM's buffer budget: the largest delay in µs (default 500).
-    #[arg(long)]
-    budget_us: Option<u32>,
-    /// EWMA smoothing factor α in [0, 1) (default 0.75).
-    #[arg(long)]
-    alpha: Option<f64>,
-    /// EWMA update interval in ms (default 5000).
-    #[arg(long)]
-    update_ms: Option<u32>,
-    /// Packet rate below which nothing is delayed (default 1000; 0 = always delay).
-    #[arg(long)]
-    rate_floor_pps: Option<u32>,
+    #[command(flatten)]
+    vm: Option<VmConfig>,
     /// Control socket for `vhost-net-batch ctl` (created mode 0600).
     #[arg(long)]
     control: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9900), path /metrics.
     #[arg(long)]
     metrics_addr: Option<String>,
+    #[command(flatten)]
+    power: PowerArgs,
+    /// Log filter (error, warn, info, debug, trace or a tracing directive).
+    #[arg(long, default_value = "info", env = "VNB_LOG")]
+    log: String,
+}
+
+#[derive(Args)]
+struct PowerArgs {
     /// Account energy per VM from this power source (auto, powercap, perf, msr, hwmon, ipmi,
     /// estimate): shown in stats, metrics and the guest's control replies. Without RAPL, `auto`
     /// falls back to the CPU-time estimate, labelled as such.
     #[arg(long)]
-    power_source: Option<String>,
+    power_source: Option<power::SourceKind>,
     /// How often energy is apportioned to VMs, in ms.
     #[arg(long, default_value_t = 1000)]
     power_period_ms: u64,
@@ -133,112 +118,140 @@ struct ServeArgs {
     /// Wall-power `meter` source: a shell command printing watts (also VNB_METER_CMD).
     #[arg(long, value_name = "CMD")]
     power_meter_cmd: Option<String>,
-    /// Log filter (error, warn, info, debug, trace or a tracing directive).
-    #[arg(long, default_value = "info", env = "VNB_LOG")]
-    log: String,
 }
 
-fn vms_from(args: &ServeArgs) -> Result<Vec<VmConfig>, String> {
+/// Why the daemon or a `ctl` command stopped.
+#[derive(Debug, Error)]
+enum CliError {
+    /// Neither one VM's flags nor a file.
+    #[error("give --vm NAME --socket PATH --tap NAME, or --config FILE")]
+    NoVm,
+    /// A bad VM setting.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A VM could not be opened.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The metrics endpoint.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// A power model flag without a power source.
+    #[error("{0} configures per-VM energy accounting: give --power-source too")]
+    PowerWithoutSource(&'static str),
+    /// A bad power flag.
+    #[error("{flag} must be {what}, got {value}")]
+    PowerFlag {
+        /// The flag.
+        flag: &'static str,
+        /// What it must be.
+        what: &'static str,
+        /// What was given.
+        value: String,
+    },
+    /// Power accounting could not start.
+    #[error("{what}: {source}")]
+    Power {
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: power::PowerError,
+    },
+    /// A thread or the signal handler could not start.
+    #[error("cannot start {what}: {source}")]
+    Start {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn vms_from(args: &ServeArgs) -> Result<Vec<VmConfig>, CliError> {
     if let Some(path) = &args.config {
-        return FileConfig::load(path).map_err(|e| e.to_string());
+        return Ok(FileConfig::load(path)?);
     }
-    let (Some(name), Some(socket), Some(tap)) = (&args.vm, &args.socket, &args.tap) else {
-        return Err("give --vm NAME --socket PATH --tap NAME, or --config FILE".into());
-    };
-    let mac = match &args.mac {
-        Some(m) => Some(m.parse::<MacAddr>().map_err(|e| e.to_string())?),
-        None => None,
-    };
-    let mut vm = VmConfig::new(name, socket, tap, args.queues, mac);
-    vm.mode = match &args.mode {
-        Some(m) => Some(m.parse().map_err(|e: PolicyError| e.to_string())?),
-        None => None,
-    };
-    vm.budget_us = args.budget_us;
-    vm.alpha = args.alpha;
-    vm.update_ms = args.update_ms;
-    vm.rate_floor_pps = args.rate_floor_pps;
-    let vms = vec![vm];
-    validate_all(&vms).map_err(|e| e.to_string())?;
+    let vms = vec![args.vm.clone().ok_or(CliError::NoVm)?];
+    validate_all(&vms)?;
     Ok(vms)
 }
 
 /// Starts the power sampler and the per-VM energy meter.
-fn start_meter(kind: &str, args: &ServeArgs) -> Result<power::VmEnergyMeter, String> {
-    let period_ms = args.power_period_ms;
-    let kind: power::source::SourceKind = kind
-        .parse()
-        .map_err(|e: String| format!("--power-source: {e}"))?;
-    if period_ms == 0 {
-        return Err("--power-period-ms must be > 0".into());
+fn start_meter(kind: power::SourceKind, p: &PowerArgs) -> Result<power::VmEnergyMeter, CliError> {
+    if p.power_period_ms == 0 {
+        return Err(CliError::PowerFlag {
+            flag: "--power-period-ms",
+            what: "> 0",
+            value: "0".into(),
+        });
     }
-    let watts = |flag: &str, v: Option<f64>| -> Result<Option<f64>, String> {
-        match v {
-            Some(w) if !w.is_finite() || w < 0.0 => Err(format!(
-                "{flag} must be a finite number of watts >= 0, got {w}"
-            )),
-            _ => Ok(v),
-        }
+    let watts = |flag: &'static str, v: Option<f64>| match v {
+        Some(w) if !w.is_finite() || w < 0.0 => Err(CliError::PowerFlag {
+            flag,
+            what: "a finite number of watts >= 0",
+            value: w.to_string(),
+        }),
+        _ => Ok(v),
     };
-    let base_watts = watts("--power-base-watts", args.power_base_watts)?;
-    let mut opts = power::source::SourceOptions::from_env().map_err(|e| e.to_string())?;
-    if let Some(w) = watts("--power-idle-watts", args.power_idle_watts)? {
+    let power = |what| move |source| CliError::Power { what, source };
+    let base_watts = watts("--power-base-watts", p.power_base_watts)?;
+    let mut opts = power::SourceOptions::from_env().map_err(power("--power-source"))?;
+    if let Some(w) = watts("--power-idle-watts", p.power_idle_watts)? {
         opts.model.idle_watts = w;
     }
-    if let Some(w) = watts("--power-watts-per-core", args.power_watts_per_core)? {
+    if let Some(w) = watts("--power-watts-per-core", p.power_watts_per_core)? {
         opts.model.watts_per_busy_core = w;
     }
-    if let Some(cmd) = &args.power_meter_cmd {
+    if let Some(cmd) = &p.power_meter_cmd {
         opts.meter_command = Some(cmd.clone());
     }
-    let sources =
-        power::source::open_sources(&[kind], &opts).map_err(|e| format!("--power-source: {e}"))?;
+    let sources = power::open_sources(&[kind], &opts).map_err(power("--power-source"))?;
     let sampler = power::Sampler::start(
         sources,
         power::SamplerConfig::every(std::time::Duration::from_millis(100)),
     )
-    .map_err(|e| format!("power sampler: {e}"))?;
+    .map_err(power("power sampler"))?;
     let names: Vec<String> = sampler.sources().iter().map(|m| m.source.clone()).collect();
     let kind = sampler.kind();
     let meter = power::VmEnergyMeter::start(
         sampler,
         power::MeterConfig {
-            period: std::time::Duration::from_millis(period_ms),
+            period: std::time::Duration::from_millis(p.power_period_ms),
             base_watts,
             ..Default::default()
         },
     )
-    .map_err(|e| format!("per-VM energy meter: {e}"))?;
+    .map_err(power("per-VM energy meter"))?;
     tracing::info!(sources = ?names, %kind, base_watts = meter.handle().base_watts(), "per-VM energy accounting on");
     Ok(meter)
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
-    if args.power_source.is_none() {
+fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let p = &args.power;
+    if p.power_source.is_none() {
         let given = [
-            ("--power-base-watts", args.power_base_watts.is_some()),
-            ("--power-idle-watts", args.power_idle_watts.is_some()),
-            (
-                "--power-watts-per-core",
-                args.power_watts_per_core.is_some(),
-            ),
-            ("--power-meter-cmd", args.power_meter_cmd.is_some()),
+            ("--power-base-watts", p.power_base_watts.is_some()),
+            ("--power-idle-watts", p.power_idle_watts.is_some()),
+            ("--power-watts-per-core", p.power_watts_per_core.is_some()),
+            ("--power-meter-cmd", p.power_meter_cmd.is_some()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
-            return Err(format!(
-                "{flag} configures per-VM energy accounting: give --power-source too"
-            ));
+            return Err(CliError::PowerWithoutSource(flag));
         }
     }
     let vms = vms_from(&args)?;
-    let meter = match &args.power_source {
-        Some(kind) => Some(start_meter(kind, &args)?),
+    let meter = match args.power.power_source {
+        Some(kind) => Some(start_meter(kind, &args.power)?),
         None => None,
     };
     // Open every VM first: a bad one stops the start-up, before anything serves.
     let mut slots = Vec::new();
     for vm in vms {
-        let mut slot = VmSlot::open(vm).map_err(|e| e.to_string())?;
+        let mut slot = VmSlot::open(vm)?;
         if let Some(m) = &meter {
             slot = slot.with_energy(m.handle());
         }
@@ -250,11 +263,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
-    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    .map_err(|source| CliError::Start {
+        what: "the signal handlers",
+        source,
+    })?;
     let vms = Vms(slots.clone());
     if let Some(path) = &args.control {
-        serve_control(path, vms.clone())
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        serve_control(path, vms.clone())?;
     }
     if let Some(addr) = &args.metrics_addr {
         serve_metrics(addr, vms.clone())?;
@@ -276,14 +291,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 std::process::exit(0);
             }
         })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        .map_err(|source| CliError::Start {
+            what: "the signal thread",
+            source,
+        })?;
     let mut threads = Vec::new();
     for slot in slots {
         let name = format!("vm-{}", slot.config().name);
         let t = std::thread::Builder::new()
             .name(name)
             .spawn(move || slot.serve_forever())
-            .map_err(|e| format!("cannot start a VM thread: {e}"))?;
+            .map_err(|source| CliError::Start {
+                what: "a VM thread",
+                source,
+            })?;
         threads.push(t);
     }
     for t in threads {
@@ -292,51 +313,66 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn print_stats(v: &serde_json::Value) {
-    let p = &v["policy"];
-    let t = &v["total"];
+fn print_stats(v: &StatsReply) {
+    let p = &v.policy;
     println!(
         "{}: mode {} budget {} µs, T {} µs, rx delay {} µs, tx delay {} µs, send ratio {:.3}, {}",
-        v["vm"].as_str().unwrap_or("?"),
-        v["mode"].as_str().unwrap_or("?"),
-        v["budget_us"],
-        p["t_us"],
-        p["rx_delay_us"],
-        p["tx_delay_us"],
-        p["send_ratio"].as_f64().unwrap_or(0.0),
-        if p["active"] == serde_json::json!(true) {
+        v.vm,
+        v.mode.name(),
+        v.budget_us,
+        p.t_us,
+        p.rx_delay_us,
+        p.tx_delay_us,
+        p.send_ratio,
+        if p.active {
             "active"
         } else {
             "below the rate floor"
         }
     );
-    for k in [
-        "tx_packets",
-        "rx_packets",
-        "tx_kicks",
-        "rx_interrupts",
-        "tx_interrupts",
-        "rx_timer_fires",
-        "tx_timer_fires",
-        "rx_flush_frame_cap",
-        "rx_flush_low_water",
-        "flush_used_event",
-        "tx_flush_frame_cap",
-        "control_frames",
-    ] {
-        println!("  {k:<20} {}", t[k]);
+    for (name, value, _) in v.total.counters() {
+        println!("  {name:<20} {value}");
     }
-    let c = &v["control"];
+    let c = &v.control;
     println!(
-        "  control: accepted {} clamped {} invalid {} rate-limited {} dropped {} from-tap {}",
-        c["accepted"], c["clamped"], c["invalid"], c["rate_limited"], c["dropped"], c["from_tap"]
+        "  control: accepted {} clamped {} invalid {} rate-limited {} dropped {} from-tap {} replies-lost {}",
+        c.accepted, c.clamped, c.invalid, c.rate_limited, c.dropped, c.from_tap, c.replies_lost
     );
 }
 
-fn ctl(args: CtlArgs) -> Result<(), String> {
-    let (req, json) = match args.cmd {
-        CtlCmd::List { json } => (Request::List, json),
-        CtlCmd::Stats { vm, json } => (Request::Stats { vm }, json),
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("replies serialize"));
+}
+
+fn ctl(args: CtlArgs) -> Result<(), CliError> {
+    match args.cmd {
+        CtlCmd::List { json } => {
+            let l: ListReply = request(&args.control, &Request::List)?;
+            if json {
+                print_json(&l);
+            }
+            for vm in l.vms.iter().filter(|_| !json) {
+                println!(
+                    "{:<16} mode {:<8} budget {:>6} µs  T {:>6} µs  rx {:>6} µs  tx {:>6} µs  p* {:.3}  tap {}",
+                    vm.vm,
+                    vm.mode.name(),
+                    vm.budget_us,
+                    vm.t_us,
+                    vm.rx_delay_us,
+                    vm.tx_delay_us,
+                    vm.send_ratio,
+                    vm.tap,
+                );
+            }
+        }
+        CtlCmd::Stats { vm, json } => {
+            let s: StatsReply = request(&args.control, &Request::Stats { vm })?;
+            if json {
+                print_json(&s);
+            } else {
+                print_stats(&s);
+            }
+        }
         CtlCmd::Set {
             vm,
             mode,
@@ -344,56 +380,30 @@ fn ctl(args: CtlArgs) -> Result<(), String> {
             json,
         } => {
             if mode.is_none() && budget_us.is_none() {
-                return Err("set: give --mode and/or --budget-us".into());
+                return Err(ControlError::NothingToSet.into());
             }
-            if let Some(m) = &mode {
-                m.parse::<vhost_net_batch::policy::ModeSpec>()
-                    .map_err(|e| e.to_string())?;
-            }
-            (
-                Request::Set {
+            let s: StatsReply = request(
+                &args.control,
+                &Request::Set {
                     vm,
                     mode,
                     budget_us,
                 },
-                json,
-            )
+            )?;
+            if json {
+                print_json(&s);
+            } else {
+                print_stats(&s);
+            }
         }
-    };
-    let list = matches!(req, Request::List);
-    let v = request(&args.control, &req)?;
-    if json {
-        println!("{v}");
-    } else if list {
-        for vm in v["vms"].as_array().into_iter().flatten() {
-            println!(
-                "{:<16} mode {:<8} budget {:>6} µs  T {:>6} µs  rx {:>6} µs  tx {:>6} µs  p* {:.3}  tap {}",
-                vm["vm"].as_str().unwrap_or("?"),
-                vm["mode"].as_str().unwrap_or("?"),
-                vm["budget_us"],
-                vm["t_us"],
-                vm["rx_delay_us"],
-                vm["tx_delay_us"],
-                vm["send_ratio"].as_f64().unwrap_or(0.0),
-                vm["tap"].as_str().unwrap_or("?"),
-            );
-        }
-    } else {
-        print_stats(&v);
     }
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Ctl(args) => match ctl(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.cmd {
+        Cmd::Ctl(args) => ctl(args),
         Cmd::Serve(args) => {
             let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -401,13 +411,14 @@ fn main() -> ExitCode {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .init();
-            match serve(*args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            serve(*args)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

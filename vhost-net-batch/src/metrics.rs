@@ -3,9 +3,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::datapath::PathCounts;
+use crate::policy::Valve;
 
 /// Upper bounds of the batch-size histogram buckets (packets per flush); the last is +Inf.
 pub const BATCH_BOUNDS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
@@ -18,7 +19,7 @@ pub struct Histogram {
 }
 
 /// A plain copy of a [`Histogram`].
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HistogramSnapshot {
     /// Counts per bucket of [`BATCH_BOUNDS`] (non-cumulative), then the overflow bucket.
     pub buckets: [u64; 10],
@@ -73,7 +74,7 @@ macro_rules! queue_counters {
         }
 
         /// Plain counters of one queue pair, for reports.
-        #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+        #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
         pub struct QueueSnapshot {
             $($(#[doc = $doc])* pub $name: u64,)*
             /// Packets per RX interrupt flush.
@@ -165,6 +166,17 @@ impl QueueStats {
         if c.control > 0 {
             self.control_frames.fetch_add(c.control, Relaxed);
         }
+    }
+
+    /// Counts a flush a safety valve forced: the one place that maps valves to counters.
+    pub fn count_valve(&self, v: Valve) {
+        let c = match v {
+            Valve::FrameCap => &self.rx_flush_frame_cap,
+            Valve::LowWater => &self.rx_flush_low_water,
+            Valve::UsedEvent => &self.flush_used_event,
+            Valve::TxFrameCap => &self.tx_flush_frame_cap,
+        };
+        c.fetch_add(1, Relaxed);
     }
 
     /// Folds one RX batch in.

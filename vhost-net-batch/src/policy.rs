@@ -1,4 +1,4 @@
-//! The batching policy: pure arithmetic over packet counters and a clock (DESIGN.md §1, §4).
+//! The batching policy: pure arithmetic over packet counters and a clock (docs/design.md §1, §4).
 //!
 //! Nothing here reads a clock, touches a ring or arms a timer. The caller passes the time
 //! (nanoseconds on any monotonic scale; tests use a fake one) and the VM's running packet
@@ -17,14 +17,15 @@
 //! recursive form used here (`p*` feeds back into itself); with α = 0.75 an interval's weight
 //! decays as 0.75ᵏ instead of vanishing after one step.
 //!
-//! Safety valves are decided here too ([`Policy::rx_valve`], [`used_event_asks`]) so a test can
-//! drive every branch; the mechanism only reports the ring state and counts the reasons.
+//! Every signalling decision of a queue worker is made here too ([`rx_signal`] for RX
+//! interrupts with their safety valves, [`tx_signal_due`] for TX completions), so a test can
+//! drive every branch with a fake clock; the mechanism only reports the ring state, acts and
+//! counts the reasons.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+pub use vnb_common::mode::{ModeError, ModeKind, ModeSpec, MAX_BUDGET_US};
 
 /// The published default smoothing factor.
 pub const DEFAULT_ALPHA: f64 = 0.75;
@@ -35,39 +36,12 @@ pub const DEFAULT_BUDGET_US: u32 = 500;
 /// Delays shorter than this are not applied (0 instead): a timer wake-up every few
 /// microseconds costs more than the notifications it saves.
 pub const MIN_DELAY_US: u32 = 50;
-/// Largest budget accepted (100 ms): beyond that TCP's own timers start to misfire.
-pub const MAX_BUDGET_US: u32 = 100_000;
-
-/// How a VM's notifications are treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModeKind {
-    /// Notify at once: the unmodified baseline.
-    Off,
-    /// Both directions delayed by the budget.
-    Fixed,
-    /// Delays split by the EWMA of the send share.
-    Adaptive,
-}
-
-/// A mode as written on the command line: `off`, `fixed[:US]`, `adaptive[:US]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ModeSpec {
-    /// The kind.
-    pub kind: ModeKind,
-    /// The budget given with the mode (`:US`), if any.
-    pub budget_us: Option<u32>,
-}
-
 /// A bad mode string or policy parameter.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum PolicyError {
-    /// Not `off`, `fixed[:US]` or `adaptive[:US]`.
-    #[error("unknown mode {0:?}: use off, fixed:US or adaptive:US (US = microseconds)")]
-    BadMode(String),
-    /// The microseconds after the colon are not a number in range.
-    #[error("bad budget in mode {0:?}: give microseconds between 1 and {MAX_BUDGET_US}")]
-    BadModeBudget(String),
+    /// A mode string that does not parse.
+    #[error(transparent)]
+    Mode(#[from] ModeError),
     /// `--budget-us` out of range.
     #[error("budget {0} µs out of range: give 1..={MAX_BUDGET_US}")]
     BadBudget(u32),
@@ -85,46 +59,6 @@ pub enum PolicyError {
     /// Update interval outside 10 ms ..= 60 s.
     #[error("update interval {0} ms out of range: give 10..=60000")]
     BadUpdate(u32),
-}
-
-impl FromStr for ModeSpec {
-    type Err = PolicyError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, us) = match s.split_once(':') {
-            Some((n, u)) => (n, Some(u)),
-            None => (s, None),
-        };
-        let kind = match name {
-            "off" => ModeKind::Off,
-            "fixed" => ModeKind::Fixed,
-            "adaptive" => ModeKind::Adaptive,
-            _ => return Err(PolicyError::BadMode(s.into())),
-        };
-        let budget_us = match us {
-            None => None,
-            Some(_) if kind == ModeKind::Off => return Err(PolicyError::BadMode(s.into())),
-            Some(u) => match u.parse::<u32>() {
-                Ok(v) if (1..=MAX_BUDGET_US).contains(&v) => Some(v),
-                _ => return Err(PolicyError::BadModeBudget(s.into())),
-            },
-        };
-        Ok(ModeSpec { kind, budget_us })
-    }
-}
-
-impl fmt::Display for ModeSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = match self.kind {
-            ModeKind::Off => "off",
-            ModeKind::Fixed => "fixed",
-            ModeKind::Adaptive => "adaptive",
-        };
-        match self.budget_us {
-            Some(us) => write!(f, "{name}:{us}"),
-            None => f.write_str(name),
-        }
-    }
 }
 
 /// Resolves a mode and an optional `--budget-us` into the mode kind and the operator's budget.
@@ -151,8 +85,27 @@ pub fn resolve_budget(
     Ok((mode.kind, budget))
 }
 
+/// The safety valves' thresholds (docs/design.md §4): they never change while a VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Valves {
+    /// Flush at once when this many completions wait for an interrupt (Linux's NAPI weight);
+    /// with kicks held, the guest kicks once this many chains are queued.
+    pub frame_cap: u16,
+    /// Flush at once when fewer free RX buffers than this share of the ring remain, percent.
+    pub rx_low_water_pct: u8,
+}
+
+impl Default for Valves {
+    fn default() -> Self {
+        Valves {
+            frame_cap: 64,
+            rx_low_water_pct: 25,
+        }
+    }
+}
+
 /// Tunables of the policy; the defaults are documented values, not magic.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PolicyConfig {
     /// Mode kind.
     pub mode: ModeKind,
@@ -162,10 +115,8 @@ pub struct PolicyConfig {
     pub alpha: f64,
     /// EWMA update interval, ms.
     pub update_ms: u32,
-    /// Flush at once when this many completions wait for an interrupt (Linux's NAPI weight).
-    pub frame_cap: u16,
-    /// Flush at once when fewer free RX buffers than this share of the ring remain, percent.
-    pub rx_low_water_pct: u8,
+    /// The safety valves (fixed for the VM's life).
+    pub valves: Valves,
     /// Below this many packets per second (both directions) nothing is delayed; 0 turns the
     /// floor and the per-direction "one packet per period" condition off.
     pub rate_floor_pps: u32,
@@ -180,8 +131,7 @@ impl Default for PolicyConfig {
             budget_us: DEFAULT_BUDGET_US,
             alpha: DEFAULT_ALPHA,
             update_ms: DEFAULT_UPDATE_MS,
-            frame_cap: 64,
-            rx_low_water_pct: 25,
+            valves: Valves::default(),
             rate_floor_pps: 1000,
             rate_window_ms: 100,
         }
@@ -204,9 +154,9 @@ impl PolicyConfig {
     }
 }
 
-/// What the guest asked for in its last SET (DESIGN.md §5). The guest may ask for less than the
+/// What the guest asked for in its last SET (docs/design.md §5). The guest may ask for less than the
 /// operator's budget or turn buffering off, never for more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestPrefs {
     /// RX interrupt buffering wanted.
     pub rx: bool,
@@ -236,6 +186,9 @@ pub struct Delays {
     pub rx_ns: u64,
     /// TX kick delay `b_s`.
     pub tx_ns: u64,
+    /// The effective `T` while any delay applies (0 otherwise): the longest a completion waits
+    /// for its interrupt, whatever the direction.
+    pub t_ns: u64,
 }
 
 /// Why completions were signalled before their timer fired.
@@ -247,6 +200,8 @@ pub enum Valve {
     LowWater,
     /// The guest's EVENT_IDX `used_event` asked for an interrupt inside this batch.
     UsedEvent,
+    /// TX, kicks held: the guest queued a frame cap of chains and kicked at `avail_event`.
+    TxFrameCap,
 }
 
 /// True when the guest's `used_event` lies strictly after the first new entry of a batch that
@@ -272,16 +227,76 @@ pub fn used_event_asks(used_event: u16, old: u16, new: u16) -> bool {
     ahead >= 1 && ahead < moved
 }
 
-/// The RX safety valve for a batch: `pending` completions wait for an interrupt, `free` RX
-/// buffers remain of a ring of `size`.
-pub fn rx_valve(cfg: &PolicyConfig, pending: u32, free: u16, size: u16) -> Option<Valve> {
-    if pending >= u32::from(cfg.frame_cap) {
-        Some(Valve::FrameCap)
-    } else if u32::from(free) * 100 < u32::from(size) * u32::from(cfg.rx_low_water_pct) {
-        Some(Valve::LowWater)
-    } else {
-        None
+/// What a queue worker knows about its RX ring after a batch of completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxBatch {
+    /// The RX interrupt delay in effect (0: signal at once).
+    pub delay_ns: u64,
+    /// The run stopped because the guest had no RX buffer left.
+    pub no_buffers: bool,
+    /// With EVENT_IDX: the guest's `used_event`, and the used index before and after the
+    /// batch.
+    pub used_event: Option<(u16, u16, u16)>,
+    /// Completions waiting for an interrupt, this batch included.
+    pub pending: u32,
+    /// RX buffers the guest has made available and the device has not taken yet.
+    pub free: u16,
+    /// The ring's size.
+    pub size: u16,
+}
+
+/// What to do about the RX interrupt after a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxSignal {
+    /// No delay applies: signal now (if the guest wants an interrupt).
+    Now,
+    /// A safety valve fired: signal now, and count the valve.
+    Valve(Valve),
+    /// Leave it to the RX timer (armed for `delay_ns` unless it already is).
+    Defer,
+}
+
+/// The RX interrupt decision (docs/design.md §4): with a delay in effect, the interrupt waits
+/// for the timer unless a valve fires: the guest ran out of buffers (low water), its own
+/// EVENT_IDX batching asked for this point ([`used_event_asks`]), the frame cap was reached, or
+/// fewer free buffers than the low-water share remain.
+pub fn rx_signal(valves: &Valves, b: &RxBatch) -> RxSignal {
+    if b.delay_ns == 0 {
+        return RxSignal::Now;
     }
+    if b.no_buffers {
+        return RxSignal::Valve(Valve::LowWater);
+    }
+    if let Some((ev, old, new)) = b.used_event {
+        if used_event_asks(ev, old, new) {
+            return RxSignal::Valve(Valve::UsedEvent);
+        }
+    }
+    if b.pending >= u32::from(valves.frame_cap) {
+        RxSignal::Valve(Valve::FrameCap)
+    } else if u32::from(b.free) * 100 < u32::from(b.size) * u32::from(valves.rx_low_water_pct) {
+        RxSignal::Valve(Valve::LowWater)
+    } else {
+        RxSignal::Defer
+    }
+}
+
+/// Whether TX completions are signalled now (docs/design.md §4). Without held kicks, at once.
+/// While kicks are held, at most once per `T` (the guest reclaims TX buffers on its next
+/// transmit and in its RX poll anyway), or when a frame cap of them waits: a guest whose ring
+/// filled up waits for exactly this interrupt.
+pub fn tx_signal_due(
+    valves: &Valves,
+    kicks_held: bool,
+    unsignalled: u32,
+    now_ns: u64,
+    last_signal_ns: u64,
+    t_ns: u64,
+) -> bool {
+    unsignalled > 0
+        && (!kicks_held
+            || unsignalled >= u32::from(valves.frame_cap)
+            || now_ns.saturating_sub(last_signal_ns) >= t_ns)
 }
 
 /// The per-VM batching policy.
@@ -304,7 +319,7 @@ pub struct Policy {
 }
 
 /// The policy's visible state, for stats and control replies.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PolicyView {
     /// The operator's configuration.
     pub config: PolicyConfig,
@@ -433,18 +448,22 @@ impl Policy {
         // A floor of 0 turns both rate conditions off.
         let floor = self.cfg.rate_floor_pps > 0;
         let worth = |us: u32, pps: u64| !floor || u64::from(us) * pps >= 1_000_000;
-        Delays {
-            rx_ns: if worth(r, self.rates.1) {
-                u64::from(r) * 1000
-            } else {
-                0
-            },
-            tx_ns: if worth(s, self.rates.0) {
-                u64::from(s) * 1000
-            } else {
-                0
-            },
-        }
+        let rx_ns = if worth(r, self.rates.1) {
+            u64::from(r) * 1000
+        } else {
+            0
+        };
+        let tx_ns = if worth(s, self.rates.0) {
+            u64::from(s) * 1000
+        } else {
+            0
+        };
+        let t_ns = if rx_ns | tx_ns != 0 {
+            u64::from(self.t_us()) * 1000
+        } else {
+            0
+        };
+        Delays { rx_ns, tx_ns, t_ns }
     }
 
     /// When [`Policy::tick`] next has work to do.
@@ -491,11 +510,6 @@ impl Policy {
             changed = true;
         }
         changed
-    }
-
-    /// The RX safety valve for a batch (see [`rx_valve`]).
-    pub fn rx_valve(&self, pending: u32, free: u16, size: u16) -> Option<Valve> {
-        rx_valve(&self.cfg, pending, free, size)
     }
 
     /// A snapshot for stats and replies.
@@ -561,27 +575,6 @@ mod tests {
             budget_us,
             update_ms: 100,
             ..PolicyConfig::default()
-        }
-    }
-
-    #[test]
-    fn modes_parse_and_print() {
-        let m: ModeSpec = "adaptive:1000".parse().unwrap();
-        assert_eq!(m.kind, ModeKind::Adaptive);
-        assert_eq!(m.budget_us, Some(1000));
-        assert_eq!(m.to_string(), "adaptive:1000");
-        assert_eq!("off".parse::<ModeSpec>().unwrap().kind, ModeKind::Off);
-        assert_eq!("fixed".parse::<ModeSpec>().unwrap().budget_us, None);
-        for bad in [
-            "",
-            "on",
-            "off:5",
-            "fixed:",
-            "fixed:0",
-            "adaptive:x",
-            "adaptive:100001",
-        ] {
-            assert!(bad.parse::<ModeSpec>().is_err(), "{bad:?} accepted");
         }
     }
 
@@ -705,7 +698,8 @@ mod tests {
             s.p.delays(),
             Delays {
                 rx_ns: 300_000,
-                tx_ns: 0
+                tx_ns: 0,
+                t_ns: 300_000
             }
         );
         // Everything off.
@@ -725,11 +719,13 @@ mod tests {
     fn fixed_and_off() {
         let mut s = Sim::new(cfg(ModeKind::Fixed, 250));
         s.run(500, 50, 5);
+        // Fixed: both directions wait T, and T (not 2T) bounds any completion's wait.
         assert_eq!(
             s.p.delays(),
             Delays {
                 rx_ns: 250_000,
-                tx_ns: 250_000
+                tx_ns: 250_000,
+                t_ns: 250_000
             }
         );
         s.p.set_operator(ModeKind::Off, 250);
@@ -784,14 +780,70 @@ mod tests {
         assert_eq!(s.p.delays().rx_ns, 500_000);
     }
 
+    fn batch(delay_ns: u64, pending: u32, free: u16) -> RxBatch {
+        RxBatch {
+            delay_ns,
+            no_buffers: false,
+            used_event: None,
+            pending,
+            free,
+            size: 256,
+        }
+    }
+
     #[test]
-    fn rx_valves_fire_when_they_should_and_not_otherwise() {
-        let p = Policy::new(cfg(ModeKind::Adaptive, 1000), 0, (0, 0));
-        assert_eq!(p.rx_valve(1, 256, 256), None);
-        assert_eq!(p.rx_valve(63, 64, 256), None);
-        assert_eq!(p.rx_valve(64, 256, 256), Some(Valve::FrameCap));
-        assert_eq!(p.rx_valve(1, 63, 256), Some(Valve::LowWater));
-        assert_eq!(p.rx_valve(1, 0, 256), Some(Valve::LowWater));
+    fn rx_signal_defers_unless_a_valve_fires() {
+        let v = Valves::default();
+        // No delay: at once, whatever the ring says.
+        assert_eq!(rx_signal(&v, &batch(0, 100, 0)), RxSignal::Now);
+        assert_eq!(rx_signal(&v, &batch(500_000, 1, 256)), RxSignal::Defer);
+        assert_eq!(rx_signal(&v, &batch(500_000, 63, 64)), RxSignal::Defer);
+        assert_eq!(
+            rx_signal(&v, &batch(500_000, 64, 256)),
+            RxSignal::Valve(Valve::FrameCap)
+        );
+        assert_eq!(
+            rx_signal(&v, &batch(500_000, 1, 63)),
+            RxSignal::Valve(Valve::LowWater)
+        );
+        assert_eq!(
+            rx_signal(&v, &batch(500_000, 1, 0)),
+            RxSignal::Valve(Valve::LowWater)
+        );
+        let dry = RxBatch {
+            no_buffers: true,
+            ..batch(500_000, 1, 200)
+        };
+        assert_eq!(rx_signal(&v, &dry), RxSignal::Valve(Valve::LowWater));
+        // The guest's delayed callback inside this batch (10..15 reached 12): now.
+        let asks = RxBatch {
+            used_event: Some((12, 10, 15)),
+            ..batch(500_000, 5, 200)
+        };
+        assert_eq!(rx_signal(&v, &asks), RxSignal::Valve(Valve::UsedEvent));
+        // The normal re-enable at the first new entry: deferred.
+        let normal = RxBatch {
+            used_event: Some((10, 10, 15)),
+            ..batch(500_000, 5, 200)
+        };
+        assert_eq!(rx_signal(&v, &normal), RxSignal::Defer);
+    }
+
+    #[test]
+    fn tx_completions_wait_at_most_t_while_kicks_are_held() {
+        let v = Valves::default();
+        let t = 500 * 1000;
+        // Nothing to signal.
+        assert!(!tx_signal_due(&v, true, 0, 10 * MS, 0, t));
+        // Kicks not held: at once.
+        assert!(tx_signal_due(&v, false, 1, 10 * MS, 10 * MS, t));
+        // Held: a fake clock walks through one period.
+        let last = 100 * MS;
+        assert!(!tx_signal_due(&v, true, 3, last + t - 1, last, t));
+        assert!(tx_signal_due(&v, true, 3, last + t, last, t));
+        // A frame cap of completions does not wait.
+        assert!(tx_signal_due(&v, true, 64, last + 1, last, t));
+        assert!(!tx_signal_due(&v, true, 63, last + 1, last, t));
     }
 
     #[test]

@@ -13,11 +13,10 @@ use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::batching::VmBatching;
 use crate::config::{ConfigError, VmConfig};
-use crate::device::{tap_event_id, NetDevice};
+use crate::device::NetDevice;
 use crate::metrics::VmMetrics;
 use crate::shim;
 use crate::tap::{Tap, TapError};
@@ -122,39 +121,27 @@ pub fn bind_socket(vm: &str, path: &Path) -> Result<UnixListener, ServeError> {
     })
 }
 
-static PRIVATE_DIR: OnceLock<PathBuf> = OnceLock::new();
+static PRIVATE_DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
 
 /// Removes the private directory of internal sockets, if one was made (at shutdown).
 pub fn remove_private_dir() {
     if let Some(d) = PRIVATE_DIR.get() {
-        let _ = std::fs::remove_dir_all(d);
+        let _ = std::fs::remove_dir_all(d.path());
     }
 }
 
-/// A private 0700 directory for the shim's internal sockets, made once per process.
+/// A private 0700 directory for the shim's internal sockets, made once per process (in
+/// `$XDG_RUNTIME_DIR` when it exists, else the temporary directory).
 fn private_dir() -> io::Result<&'static Path> {
-    static DIR: &OnceLock<PathBuf> = &PRIVATE_DIR;
-    if let Some(d) = DIR.get() {
-        return Ok(d);
+    if let Some(d) = PRIVATE_DIR.get() {
+        return Ok(d.path());
     }
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let mut tmpl = base
-        .join("vnb-XXXXXX")
-        .into_os_string()
-        .into_encoded_bytes();
-    tmpl.push(0);
-    // SAFETY: `tmpl` is a writable NUL-terminated template.
-    let p = unsafe { libc::mkdtemp(tmpl.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    tmpl.pop();
-    // SAFETY: mkdtemp only replaced the X's with path characters.
-    let dir = PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(tmpl) });
-    Ok(DIR.get_or_init(|| dir))
+    let dir = tempfile::Builder::new().prefix("vnb-").tempdir_in(base)?;
+    Ok(PRIVATE_DIR.get_or_init(|| dir).path())
 }
 
 /// One VM: its tap, its socket and its counters; serves one frontend at a time, forever.
@@ -311,24 +298,14 @@ impl VmSlot {
     ) -> Result<(), ConnError> {
         let mut daemon = VhostUserDaemon::new(self.cfg.name.clone(), device.clone(), mem)
             .map_err(|e| ConnError::Daemon(e.to_string()))?;
-        let tap_id = tap_event_id(self.cfg.queues);
-        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
-            h.register_listener(
-                self.tap.queue_fd(i),
-                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                tap_id,
-            )
+        device
+            .register_events(&daemon.get_epoll_handlers())
             .map_err(ConnError::Internal)?;
-            for (fd, id) in device.worker_fds(i) {
-                h.register_listener(fd, EventSet::IN, id)
-                    .map_err(ConnError::Internal)?;
-            }
-        }
         let backend_side = self.connect_handler(&mut daemon)?;
         // Tap queues follow the guest's enabled queue pairs (ring 2i is pair i's RX ring).
         let tap = &self.tap;
         let vm = &self.cfg.name;
-        let relayed = shim::relay_observed(frontend, &backend_side, &mut |msg| {
+        let relayed = shim::relay(frontend, &backend_side, &mut |msg| {
             if let Some((ring, enabled)) = shim::vring_enable(msg) {
                 if ring % 2 == 0 {
                     if let Err(e) = tap.set_queue_enabled((ring / 2) as usize, enabled) {

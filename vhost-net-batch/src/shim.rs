@@ -7,44 +7,41 @@
 //! `SET_FEATURES` is acknowledged here (QEMU >= 8.1 waits for that reply when `REPLY_ACK` is
 //! negotiated) and replayed to the crate right after the `SET_FEATURES` that acks protocol
 //! features. Nothing else is interpreted, so the crate keeps validating everything it receives.
+//!
+//! Limits, so that a frontend cannot make the shim hold more than a few messages: payloads of
+//! at most the crate's [`MAX_MSG_SIZE`], at most [`MAX_FDS`] descriptors per message (sending
+//! more is refused, receiving more is a protocol error) and at most [`MAX_DEFERRED`] deferred
+//! enables; going over any ends that frontend's connection only. Descriptors arrive
+//! close-on-exec.
 
-use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use thiserror::Error;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Size of a vhost-user message header (request, flags, size: three u32).
 pub const HDR_LEN: usize = 12;
-/// Largest payload relayed; larger claims are treated as a protocol error.
-pub const MAX_PAYLOAD: usize = 4096 + 512;
-/// Most file descriptors one message may carry.
-pub const MAX_FDS: usize = 32;
-
-/// `VHOST_USER_GET_FEATURES`.
-pub const GET_FEATURES: u32 = 1;
-/// `VHOST_USER_SET_FEATURES`.
-pub const SET_FEATURES: u32 = 2;
-/// `VHOST_USER_SET_OWNER`.
-pub const SET_OWNER: u32 = 3;
-/// `VHOST_USER_RESET_OWNER`.
-pub const RESET_OWNER: u32 = 4;
-/// `VHOST_USER_SET_PROTOCOL_FEATURES`.
-pub const SET_PROTOCOL_FEATURES: u32 = 16;
-/// `VHOST_USER_SET_VRING_ENABLE`.
-pub const SET_VRING_ENABLE: u32 = 18;
-/// `VHOST_USER_RESET_DEVICE`.
-pub const RESET_DEVICE: u32 = 34;
+/// Largest payload relayed (the `vhost` crate's limit); larger claims are a protocol error.
+pub const MAX_PAYLOAD: usize = MAX_MSG_SIZE;
+/// Most file descriptors one message may carry (the `vhost` crate's limit).
+pub const MAX_FDS: usize = MAX_ATTACHED_FD_ENTRIES;
+/// Most early `SET_VRING_ENABLE` messages kept until `SET_FEATURES` (QEMU sends one per ring
+/// of pair 0; a queue-pair count's worth of both rings, twice, is far more than any frontend
+/// needs).
+pub const MAX_DEFERRED: usize = 64;
 
 /// Header flag: protocol version 1.
 pub const FLAG_VERSION: u32 = 0x1;
 /// Header flag: this message is a reply.
-pub const FLAG_REPLY: u32 = 0x4;
+pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 /// Header flag: the sender wants a reply (`REPLY_ACK`).
-pub const FLAG_NEED_REPLY: u32 = 0x8;
-
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+pub const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// Errors that end a relayed connection.
 #[derive(Debug, Error)]
@@ -63,6 +60,12 @@ pub enum ShimError {
     /// The peer closed the connection in the middle of a message.
     #[error("vhost-user peer closed the socket mid-message")]
     Truncated,
+    /// A message came with more descriptors than a message may carry.
+    #[error("vhost-user message carried more than {MAX_FDS} descriptors")]
+    TooManyFds,
+    /// More early `SET_VRING_ENABLE` messages than [`MAX_DEFERRED`] before `SET_FEATURES`.
+    #[error("more than {MAX_DEFERRED} SET_VRING_ENABLE messages before SET_FEATURES")]
+    TooManyDeferred,
 }
 
 /// One vhost-user message with the descriptors that came with it.
@@ -79,6 +82,11 @@ pub struct Message {
 }
 
 impl Message {
+    /// The request, if it is one the `vhost` crate knows.
+    pub fn req(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
     /// The payload's first u64, if it has one (features, protocol features).
     pub fn payload_u64(&self) -> Option<u64> {
         self.payload
@@ -86,7 +94,8 @@ impl Message {
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
-    fn header(&self) -> [u8; HDR_LEN] {
+    /// The header as sent on the wire.
+    pub fn header(&self) -> [u8; HDR_LEN] {
         let mut h = [0u8; HDR_LEN];
         h[0..4].copy_from_slice(&self.request.to_le_bytes());
         h[4..8].copy_from_slice(&self.flags.to_le_bytes());
@@ -95,21 +104,51 @@ impl Message {
     }
 }
 
+fn read_full(sock: &UnixStream, buf: &mut [u8]) -> Result<(), ShimError> {
+    let mut off = 0;
+    while off < buf.len() {
+        match (&*sock).read(&mut buf[off..]) {
+            Ok(0) => return Err(ShimError::Truncated),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Reads one message; `Ok(None)` on a clean end of stream before a header.
 pub fn recv_message(sock: &UnixStream) -> Result<Option<Message>, ShimError> {
     let mut hdr = [0u8; HDR_LEN];
-    let (n, fds) = recv_with_fds(sock, &mut hdr)?;
+    let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: HDR_LEN,
+    }];
+    let (n, nfds) = loop {
+        // SAFETY: the iovec points at `hdr`, writable for its length.
+        match unsafe { sock.recv_with_fds(&mut iov, &mut raw) } {
+            Ok(r) => break r,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            // vmm-sys-util closes the descriptors of a truncated control message.
+            Err(e) if e.errno() == libc::ENOBUFS => return Err(ShimError::TooManyFds),
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    let fds: Vec<OwnedFd> = raw[..nfds]
+        .iter()
+        .map(|&fd| {
+            // SAFETY: the kernel just installed these descriptors for us; nothing else owns
+            // them.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            set_cloexec(&fd);
+            fd
+        })
+        .collect();
     if n == 0 {
         return Ok(None);
     }
-    let mut got = n;
-    while got < HDR_LEN {
-        let m = (&*sock).read(&mut hdr[got..])?;
-        if m == 0 {
-            return Err(ShimError::Truncated);
-        }
-        got += m;
-    }
+    read_full(sock, &mut hdr[n..])?;
     let request = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
     let flags = u32::from_le_bytes(hdr[4..8].try_into().expect("4 bytes"));
     let size = u32::from_le_bytes(hdr[8..12].try_into().expect("4 bytes"));
@@ -117,14 +156,7 @@ pub fn recv_message(sock: &UnixStream) -> Result<Option<Message>, ShimError> {
         return Err(ShimError::Oversized { request, size });
     }
     let mut payload = vec![0u8; size as usize];
-    let mut off = 0;
-    while off < payload.len() {
-        let m = (&*sock).read(&mut payload[off..])?;
-        if m == 0 {
-            return Err(ShimError::Truncated);
-        }
-        off += m;
-    }
+    read_full(sock, &mut payload)?;
     Ok(Some(Message {
         request,
         flags,
@@ -133,100 +165,36 @@ pub fn recv_message(sock: &UnixStream) -> Result<Option<Message>, ShimError> {
     }))
 }
 
-/// Writes one message, passing its descriptors with SCM_RIGHTS.
+/// Marks a descriptor received from a frontend close-on-exec, so no child process of the
+/// daemon (a power meter command, say) ever inherits a guest's memory or eventfds.
+fn set_cloexec(fd: &OwnedFd) {
+    // SAFETY: F_SETFD on a descriptor we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+}
+
+/// Writes one message, passing its descriptors with SCM_RIGHTS. More than [`MAX_FDS`]
+/// descriptors are refused before anything is sent.
 pub fn send_message(sock: &UnixStream, msg: &Message) -> Result<(), ShimError> {
+    if msg.fds.len() > MAX_FDS {
+        return Err(ShimError::TooManyFds);
+    }
     let hdr = msg.header();
     let raw: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
-    let bufs = [IoSlice::new(&hdr), IoSlice::new(&msg.payload)];
-    let total = HDR_LEN + msg.payload.len();
-    let sent = send_with_fds(sock, &bufs, &raw)?;
-    if sent < total {
+    let mut all = Vec::with_capacity(HDR_LEN + msg.payload.len());
+    all.extend_from_slice(&hdr);
+    all.extend_from_slice(&msg.payload);
+    let sent = loop {
+        match sock.send_with_fds(&[&all[..]], &raw) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
+        }
+    };
+    if sent < all.len() {
         // Stream socket: finish the rest without descriptors.
-        let mut all = Vec::with_capacity(total);
-        all.extend_from_slice(&hdr);
-        all.extend_from_slice(&msg.payload);
         std::io::Write::write_all(&mut &*sock, &all[sent..])?;
     }
     Ok(())
-}
-
-fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
-    let mut iov = [IoSliceMut::new(buf)];
-    // SAFETY: msghdr is plain data; every pointer below refers to live local buffers.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = iov.as_mut_ptr().cast();
-    mh.msg_iovlen = 1;
-    mh.msg_control = cmsg.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&cmsg) as _;
-    let n = loop {
-        // SAFETY: `mh` describes valid buffers for the duration of the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    let mut fds = Vec::new();
-    // SAFETY: iterating the control messages the kernel just wrote into `cmsg`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&mh);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&mh, c);
-        }
-    }
-    if mh.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "vhost-user message carried more descriptors than allowed",
-        ));
-    }
-    Ok((n, fds))
-}
-
-fn send_with_fds(sock: &UnixStream, bufs: &[IoSlice<'_>], fds: &[RawFd]) -> io::Result<usize> {
-    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
-    // SAFETY: msghdr is plain data; every pointer below refers to live local buffers.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-    mh.msg_iovlen = bufs.len() as _;
-    if !fds.is_empty() {
-        let fd_bytes = std::mem::size_of_val(fds);
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-        mh.msg_control = cmsg.as_mut_ptr().cast();
-        mh.msg_controllen = space as _;
-        // SAFETY: `cmsg` is large enough for MAX_FDS descriptors; we fill one header.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&mh);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), fd_bytes);
-        }
-    }
-    loop {
-        // SAFETY: `mh` describes valid buffers for the duration of the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// What the shim does with one frontend message.
@@ -255,35 +223,43 @@ pub struct ShimState {
 }
 
 impl ShimState {
-    /// Decides what to do with a message from the frontend.
-    pub fn on_frontend(&mut self, msg: &Message) -> Action {
-        match msg.request {
-            SET_PROTOCOL_FEATURES => {
-                self.reply_ack = msg.payload_u64().unwrap_or(0) & PROTOCOL_F_REPLY_ACK != 0;
+    /// Decides what to do with a message from the frontend; more than [`MAX_DEFERRED`] early
+    /// enables are a protocol error.
+    pub fn on_frontend(&mut self, msg: &Message) -> Result<Action, ShimError> {
+        Ok(match msg.req() {
+            Some(FrontendReq::SET_PROTOCOL_FEATURES) => {
+                let acked =
+                    VhostUserProtocolFeatures::from_bits_truncate(msg.payload_u64().unwrap_or(0));
+                self.reply_ack = acked.contains(VhostUserProtocolFeatures::REPLY_ACK);
                 Action::Forward
             }
-            SET_VRING_ENABLE if !self.features_set => {
+            Some(FrontendReq::SET_VRING_ENABLE) if !self.features_set => {
+                if self.deferred >= MAX_DEFERRED {
+                    return Err(ShimError::TooManyDeferred);
+                }
                 self.deferred += 1;
                 Action::Defer {
                     ack: self.reply_ack && msg.flags & FLAG_NEED_REPLY != 0,
                 }
             }
-            SET_FEATURES => {
+            Some(FrontendReq::SET_FEATURES) => {
                 self.features_set = true;
                 let pending = std::mem::take(&mut self.deferred) > 0;
-                let proto = msg.payload_u64().unwrap_or(0) & PROTOCOL_FEATURES_BIT != 0;
+                let proto = msg.payload_u64().unwrap_or(0)
+                    & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                    != 0;
                 match (pending, proto) {
                     (false, _) => Action::Forward,
                     (true, true) => Action::ForwardThenReplay,
                     (true, false) => Action::ForwardAndDiscard,
                 }
             }
-            RESET_OWNER | RESET_DEVICE => {
+            Some(FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE) => {
                 self.features_set = false;
                 Action::Forward
             }
             _ => Action::Forward,
-        }
+        })
     }
 }
 
@@ -297,25 +273,21 @@ pub fn ack_for(request: u32) -> Message {
     }
 }
 
-/// Relays messages between `frontend` and `backend` until either side closes.
-///
-/// Returns `Ok(())` when the frontend disconnects cleanly.
-pub fn relay(frontend: &UnixStream, backend: &UnixStream) -> Result<(), ShimError> {
-    relay_observed(frontend, backend, &mut |_| {})
-}
-
 /// `SET_VRING_ENABLE`'s argument: (ring index, enabled), if `msg` is one.
 pub fn vring_enable(msg: &Message) -> Option<(u32, bool)> {
-    if msg.request != SET_VRING_ENABLE {
+    if msg.req() != Some(FrontendReq::SET_VRING_ENABLE) {
         return None;
     }
     let v = msg.payload_u64()?;
     Some((v as u32, (v >> 32) as u32 != 0))
 }
 
-/// As [`relay`], calling `seen` with every frontend message right after it went to the
-/// backend (deferred ones when they are replayed), so the caller can follow ring state.
-pub fn relay_observed(
+/// Relays messages between `frontend` and `backend` until either side closes, calling `seen`
+/// with every frontend message right after it went to the backend (deferred ones when they are
+/// replayed), so the caller can follow ring state.
+///
+/// Returns `Ok(())` when the frontend disconnects cleanly.
+pub fn relay(
     frontend: &UnixStream,
     backend: &UnixStream,
     seen: &mut dyn FnMut(&Message),
@@ -356,7 +328,7 @@ pub fn relay_observed(
                 return Ok(());
             };
             tracing::trace!(request = msg.request, flags = msg.flags, len = msg.payload.len(), arg = ?msg.payload_u64(), "vhost-user");
-            match state.on_frontend(&msg) {
+            match state.on_frontend(&msg)? {
                 Action::Forward => {
                     send_message(backend, &msg)?;
                     seen(&msg);
@@ -393,6 +365,11 @@ pub fn relay_observed(
 mod tests {
     use super::*;
 
+    const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+    const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+    const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+    const RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
+
     fn msg(request: u32, flags: u32, v: Option<u64>) -> Message {
         Message {
             request,
@@ -406,20 +383,23 @@ mod tests {
     fn early_enable_is_deferred_and_replayed() {
         let mut s = ShimState::default();
         assert_eq!(
-            s.on_frontend(&msg(SET_PROTOCOL_FEATURES, 1, Some(1 << 3))),
+            s.on_frontend(&msg(SET_PROTOCOL_FEATURES, 1, Some(1 << 3)))
+                .unwrap(),
             Action::Forward
         );
         assert_eq!(
-            s.on_frontend(&msg(SET_VRING_ENABLE, 1 | FLAG_NEED_REPLY, Some(1 << 32))),
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1 | FLAG_NEED_REPLY, Some(1 << 32)))
+                .unwrap(),
             Action::Defer { ack: true }
         );
         assert_eq!(
-            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 30 | 1 << 32))),
+            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 30 | 1 << 32)))
+                .unwrap(),
             Action::ForwardThenReplay
         );
         // After SET_FEATURES, enables go straight through.
         assert_eq!(
-            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(0))),
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(0))).unwrap(),
             Action::Forward
         );
     }
@@ -428,11 +408,12 @@ mod tests {
     fn no_ack_without_reply_ack() {
         let mut s = ShimState::default();
         assert_eq!(
-            s.on_frontend(&msg(SET_VRING_ENABLE, 1 | FLAG_NEED_REPLY, Some(0))),
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1 | FLAG_NEED_REPLY, Some(0)))
+                .unwrap(),
             Action::Defer { ack: false }
         );
         assert_eq!(
-            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 32))),
+            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 32))).unwrap(),
             Action::ForwardAndDiscard
         );
     }
@@ -441,25 +422,46 @@ mod tests {
     fn reset_rearms_deferral() {
         let mut s = ShimState::default();
         assert_eq!(
-            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 30))),
+            s.on_frontend(&msg(SET_FEATURES, 1, Some(1 << 30))).unwrap(),
             Action::Forward
         );
-        assert_eq!(s.on_frontend(&msg(RESET_OWNER, 1, None)), Action::Forward);
+        assert_eq!(
+            s.on_frontend(&msg(RESET_OWNER, 1, None)).unwrap(),
+            Action::Forward
+        );
         assert!(matches!(
-            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))),
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))).unwrap(),
             Action::Defer { .. }
         ));
     }
 
     #[test]
-    fn messages_round_trip_with_fds() {
+    fn deferred_enables_are_capped() {
+        let mut s = ShimState::default();
+        for _ in 0..MAX_DEFERRED {
+            assert!(matches!(
+                s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))).unwrap(),
+                Action::Defer { .. }
+            ));
+        }
+        assert!(matches!(
+            s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))),
+            Err(ShimError::TooManyDeferred)
+        ));
+    }
+
+    fn dev_null() -> OwnedFd {
+        OwnedFd::from(std::fs::File::open("/dev/null").unwrap())
+    }
+
+    #[test]
+    fn messages_round_trip_with_fds_which_arrive_close_on_exec() {
         let (a, b) = UnixStream::pair().unwrap();
-        let f = std::fs::File::open("/dev/null").unwrap();
         let m = Message {
             request: 13,
             flags: 1,
             payload: 7u64.to_le_bytes().to_vec(),
-            fds: vec![OwnedFd::from(f)],
+            fds: vec![dev_null()],
         };
         send_message(&a, &m).unwrap();
         let r = recv_message(&b).unwrap().unwrap();
@@ -468,8 +470,35 @@ mod tests {
             (13, 1, m.payload.clone())
         );
         assert_eq!(r.fds.len(), 1);
+        // SAFETY: F_GETFD on a descriptor we own.
+        let fl = unsafe { libc::fcntl(r.fds[0].as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(
+            fl & libc::FD_CLOEXEC,
+            0,
+            "received descriptors are close-on-exec"
+        );
         drop(a);
         assert!(recv_message(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn too_many_fds_are_refused_on_send_and_on_receive() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let many = Message {
+            request: 5,
+            flags: 1,
+            payload: Vec::new(),
+            fds: (0..=MAX_FDS).map(|_| dev_null()).collect(),
+        };
+        assert!(matches!(
+            send_message(&a, &many),
+            Err(ShimError::TooManyFds)
+        ));
+        // A peer that sends more than a message may carry ends the connection.
+        let raw: Vec<RawFd> = many.fds.iter().map(|f| f.as_raw_fd()).collect();
+        let hdr = many.header();
+        a.send_with_fds(&[&hdr[..]], &raw).unwrap();
+        assert!(matches!(recv_message(&b), Err(ShimError::TooManyFds)));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! is created when missing and attached when it exists; it lives as long as the daemon holds
 //! its descriptors, so a frontend reconnecting finds the same interface.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -12,27 +11,13 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use thiserror::Error;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNGETFEATURES: libc::c_ulong = 0x8004_54cf;
-const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
-const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
-const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
-
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
-
-/// `TUNSETOFFLOAD` flag: the kernel may hand us frames with partial checksums.
-pub const TUN_F_CSUM: u32 = 0x01;
-/// `TUNSETOFFLOAD` flag: the kernel may hand us TCPv4 GSO frames.
-pub const TUN_F_TSO4: u32 = 0x02;
-/// `TUNSETOFFLOAD` flag: the kernel may hand us TCPv6 GSO frames.
-pub const TUN_F_TSO6: u32 = 0x04;
-/// `TUNSETOFFLOAD` flag: GSO frames may carry the ECN bit.
-pub const TUN_F_TSO_ECN: u32 = 0x08;
+// The tun driver's flags are `c_int` in libc; the kernel's ifreq field is a short.
+const IFF_TAP: libc::c_short = libc::IFF_TAP as libc::c_short;
+const IFF_NO_PI: libc::c_short = libc::IFF_NO_PI as libc::c_short;
+const IFF_VNET_HDR: libc::c_short = libc::IFF_VNET_HDR as libc::c_short;
+const IFF_MULTI_QUEUE: libc::c_short = libc::IFF_MULTI_QUEUE as libc::c_short;
+const IFF_ATTACH_QUEUE: libc::c_short = libc::IFF_ATTACH_QUEUE as libc::c_short;
+const IFF_DETACH_QUEUE: libc::c_short = libc::IFF_DETACH_QUEUE as libc::c_short;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
 pub const MAX_IFNAME: usize = 15;
@@ -156,7 +141,7 @@ impl Tap {
                 req.flags |= IFF_MULTI_QUEUE;
             }
             // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
-            let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
             if rc < 0 {
                 let err = io::Error::last_os_error();
                 return Err(match err.raw_os_error() {
@@ -214,7 +199,7 @@ impl Tap {
     fn ioctl_int(
         &self,
         what: &'static str,
-        req: libc::c_ulong,
+        req: libc::Ioctl,
         arg: libc::c_ulong,
     ) -> Result<(), TapError> {
         // Device-wide settings (the kernel keeps one per device): set once, through queue 0.
@@ -239,7 +224,7 @@ impl Tap {
         if let Some(q) = self.queues.first() {
             let v: libc::c_int = len;
             // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer.
-            let rc = unsafe { libc::ioctl(q.as_raw_fd(), TUNSETVNETHDRSZ, &v) };
+            let rc = unsafe { libc::ioctl(q.as_raw_fd(), libc::TUNSETVNETHDRSZ, &v) };
             if rc < 0 {
                 return Err(TapError::Ioctl {
                     name: self.name.clone(),
@@ -268,7 +253,7 @@ impl Tap {
             IFF_DETACH_QUEUE
         };
         // SAFETY: TUNSETQUEUE reads the flags of an ifreq, which `req` is laid out as.
-        let rc = unsafe { libc::ioctl(self.queues[i].as_raw_fd(), TUNSETQUEUE, &mut req) };
+        let rc = unsafe { libc::ioctl(self.queues[i].as_raw_fd(), libc::TUNSETQUEUE, &mut req) };
         if rc < 0 {
             return Err(TapError::Ioctl {
                 name: self.name.clone(),
@@ -287,14 +272,14 @@ impl Tap {
 
     /// Sets which offloads the kernel may use in frames it hands us (`TUN_F_*`).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
-        self.ioctl_int("TUNSETOFFLOAD", TUNSETOFFLOAD, flags as libc::c_ulong)
+        self.ioctl_int("TUNSETOFFLOAD", libc::TUNSETOFFLOAD, flags as libc::c_ulong)
     }
 
     /// Features the tun driver supports (`TUNGETFEATURES`).
     pub fn features(&self) -> Result<u32, TapError> {
         let mut v: libc::c_uint = 0;
         // SAFETY: TUNGETFEATURES writes an unsigned int through the pointer.
-        let rc = unsafe { libc::ioctl(self.queues[0].as_raw_fd(), TUNGETFEATURES, &mut v) };
+        let rc = unsafe { libc::ioctl(self.queues[0].as_raw_fd(), libc::TUNGETFEATURES, &mut v) };
         if rc < 0 {
             return Err(TapError::Ioctl {
                 name: self.name.clone(),
@@ -332,14 +317,6 @@ impl Tap {
         }
         Ok(())
     }
-}
-
-/// Index of a network interface, if it exists in this namespace.
-pub fn if_index(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
 }
 
 #[cfg(test)]

@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use vhost::vhost_user::Frontend;
 use vhost_net_batch::config::VmConfig;
-use vhost_net_batch::ops::{render_metrics, request, serve_control, Request, Vms};
+use vhost_net_batch::control_socket::{
+    request, serve_control, ListReply, Request, StatsReply, Vms,
+};
+use vhost_net_batch::policy::ModeKind;
+use vhost_net_batch::prometheus::{render_metrics, serve_metrics};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -204,16 +208,16 @@ fn tx_kicks_are_held_the_ring_drained_on_the_timer_and_kicks_come_back_when_idle
     // no hold afterwards.
     let ctl = dir.join("ctl.sock");
     serve_control(&ctl, Vms(vec![slot.clone()])).unwrap();
-    let r = request(
+    let r: StatsReply = request(
         &ctl,
         &Request::Set {
             vm: "bt".into(),
-            mode: Some("off".into()),
+            mode: Some("off".parse().unwrap()),
             budget_us: None,
         },
     )
     .unwrap();
-    assert_eq!(r["mode"], "off", "{r}");
+    assert_eq!(r.mode, ModeKind::Off, "{r:?}");
     let f = test_frame(40, 100);
     g.send(6, &f);
     assert!(pkt.recv_matching(T, |b| b == f.as_slice()).is_some());
@@ -236,23 +240,18 @@ fn control_socket_and_metrics_report_and_reject() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
-    let list = request(&ctl, &Request::List).unwrap();
-    assert_eq!(list["vms"][0]["vm"], "bm");
-    assert_eq!(list["vms"][0]["budget_us"], 800);
-    let st = request(&ctl, &Request::Stats { vm: "bm".into() }).unwrap();
-    assert_eq!(st["mode"], "adaptive");
-    assert!(st["total"]["tx_kicks"].is_u64());
+    let list: ListReply = request(&ctl, &Request::List).unwrap();
+    assert_eq!(list.vms[0].vm, "bm");
+    assert_eq!(list.vms[0].budget_us, 800);
+    let st: StatsReply = request(&ctl, &Request::Stats { vm: "bm".into() }).unwrap();
+    assert_eq!(st.mode, ModeKind::Adaptive);
+    assert_eq!(st.total.tx_kicks, 0);
     // Errors change nothing.
     for bad in [
         Request::Stats { vm: "nope".into() },
         Request::Set {
             vm: "bm".into(),
-            mode: Some("turbo".into()),
-            budget_us: None,
-        },
-        Request::Set {
-            vm: "bm".into(),
-            mode: Some("fixed:100".into()),
+            mode: Some("fixed:100".parse().unwrap()),
             budget_us: Some(200),
         },
         Request::Set {
@@ -261,11 +260,26 @@ fn control_socket_and_metrics_report_and_reject() {
             budget_us: Some(0),
         },
     ] {
-        assert!(request(&ctl, &bad).is_err(), "{bad:?} accepted");
+        assert!(
+            request::<StatsReply>(&ctl, &bad).is_err(),
+            "{bad:?} accepted"
+        );
+    }
+    // A mode the grammar does not know, as a client that does not check it would send it.
+    {
+        use std::io::{BufRead, Write};
+        let s = std::os::unix::net::UnixStream::connect(&ctl).unwrap();
+        writeln!(&s, r#"{{"op":"set","vm":"bm","mode":"turbo"}}"#).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(
+            line.contains(r#""ok":false"#) && line.contains("unknown mode"),
+            "{line}"
+        );
     }
     assert_eq!(slot.batching().view().config.budget_us, 800);
     // Budget only: the mode is kept.
-    let r = request(
+    let r: StatsReply = request(
         &ctl,
         &Request::Set {
             vm: "bm".into(),
@@ -274,10 +288,7 @@ fn control_socket_and_metrics_report_and_reject() {
         },
     )
     .unwrap();
-    assert_eq!(
-        (r["mode"].as_str(), r["budget_us"].as_u64()),
-        (Some("adaptive"), Some(300))
-    );
+    assert_eq!((r.mode, r.budget_us), (ModeKind::Adaptive, 300));
 
     let text = render_metrics(&vms);
     for want in [
@@ -300,7 +311,7 @@ fn control_socket_and_metrics_report_and_reject() {
     // Over HTTP on the namespace's loopback.
     let port = 20000 + (std::process::id() % 20000) as u16;
     let addr = format!("127.0.0.1:{port}");
-    vhost_net_batch::ops::serve_metrics(&addr, vms).unwrap();
+    serve_metrics(&addr, vms).unwrap();
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use bench::datapath::{self, DatapathOptions};
+use bench::error::{BenchError, Result};
 use bench::model::{Backend, Workload};
 use bench::report;
 use bench::runner::{run, RunOptions};
@@ -52,7 +53,7 @@ struct RunArgs {
     #[serde(default)]
     workloads: Vec<String>,
     /// Configurations: off, fixed:US, adaptive:US (ours), qemu-tap, qemu-tap-txtimer (peers);
-    /// `sweep` stands for DESIGN.md's sweep: off, fixed and adaptive at 100, 250, 500 and
+    /// `sweep` stands for docs/design.md's sweep: off, fixed and adaptive at 100, 250, 500 and
     /// 1000 µs, and both QEMU peers.
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
@@ -125,21 +126,24 @@ fn vnb_bin() -> PathBuf {
 }
 
 /// Our binary, which must exist when a configuration runs it.
-fn checked_vnb_bin(configs: &[Backend]) -> Result<PathBuf, String> {
+fn checked_vnb_bin(configs: &[Backend]) -> Result<PathBuf> {
     let vnb = vnb_bin();
     if configs.iter().any(|c| matches!(c, Backend::Ours { .. })) && !vnb.exists() {
-        return Err(format!(
+        return Err(BenchError::Setup(format!(
             "{} not found: build it (cargo build --release) or set VNB_BIN",
             vnb.display()
-        ));
+        )));
     }
     Ok(vnb)
 }
 
-fn run_cmd(mut a: RunArgs) -> Result<(), String> {
+fn run_cmd(mut a: RunArgs) -> Result<()> {
     if let Some(p) = &a.plan {
-        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        let plan: RunArgs = toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let text = std::fs::read_to_string(p).map_err(BenchError::file(p))?;
+        let plan: RunArgs = toml::from_str(&text).map_err(|e| BenchError::Parse {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
         if a.workloads.is_empty() {
             a.workloads = plan.workloads;
         }
@@ -160,7 +164,7 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
         a.workloads
             .iter()
             .map(|w| w.parse())
-            .collect::<Result<_, _>>()?
+            .collect::<Result<_>>()?
     };
     let mut configs: Vec<Backend> = if a.modes.is_empty() && !a.external.is_empty() {
         Vec::new()
@@ -188,7 +192,7 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
         }
         let mut seen = std::collections::HashSet::new();
         names.retain(|n| seen.insert(n.clone()));
-        names.iter().map(|m| m.parse()).collect::<Result<_, _>>()?
+        names.iter().map(|m| m.parse()).collect::<Result<_>>()?
     };
     for e in &a.external {
         configs.push(Backend::external(e)?);
@@ -196,9 +200,13 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
     let reps = a.reps.unwrap_or(3);
     let duration = a.duration.unwrap_or(10);
     if reps == 0 || duration == 0 {
-        return Err("--reps and --duration must be at least 1".into());
+        return Err(BenchError::Input(
+            "--reps and --duration must be at least 1".into(),
+        ));
     }
-    let out = a.out.ok_or("give --out DIR")?;
+    let out = a
+        .out
+        .ok_or_else(|| BenchError::Input("give --out DIR".into()))?;
     let vnb = checked_vnb_bin(&configs)?;
     let stop = stop_flag()?;
     let scratch = std::env::temp_dir().join(format!("vnb-bench-{}", std::process::id()));
@@ -238,39 +246,41 @@ fn run_cmd(mut a: RunArgs) -> Result<(), String> {
     println!("{}", report::markdown(&camp));
     println!("report: {}", out.join("report.md").display());
     if camp.interrupted {
-        return Err(format!(
+        return Err(BenchError::Workload(format!(
             "interrupted after {} runs; the partial report is in {}",
             camp.runs.len(),
             out.display()
-        ));
+        )));
     }
     Ok(())
 }
 
-fn stop_flag() -> Result<Arc<AtomicBool>, String> {
+fn stop_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+        signal_hook::flag::register(sig, stop.clone()).map_err(|source| BenchError::Spawn {
+            cmd: "signal handler".into(),
+            source,
+        })?;
     }
     Ok(stop)
 }
 
-fn datapath_cmd(a: DatapathArgs) -> Result<(), String> {
+fn datapath_cmd(a: DatapathArgs) -> Result<()> {
     let mut configs: Vec<Backend> = if a.modes.is_empty() && !a.external.is_empty() {
         Vec::new()
     } else if a.modes.is_empty() {
-        vec![Backend::Ours { mode: "off".into() }]
+        vec!["off".parse()?]
     } else {
-        a.modes
-            .iter()
-            .map(|m| m.parse())
-            .collect::<Result<_, _>>()?
+        a.modes.iter().map(|m| m.parse()).collect::<Result<_>>()?
     };
     for e in &a.external {
         configs.push(Backend::external(e)?);
     }
     if a.reps == 0 || a.duration == 0 {
-        return Err("--reps and --duration must be at least 1".into());
+        return Err(BenchError::Input(
+            "--reps and --duration must be at least 1".into(),
+        ));
     }
     let vnb = checked_vnb_bin(&configs)?;
     let stop = stop_flag()?;
@@ -294,18 +304,18 @@ fn datapath_cmd(a: DatapathArgs) -> Result<(), String> {
     println!("{}", datapath::markdown(&camp));
     println!("report: {}", a.out.join("report.md").display());
     if camp.interrupted {
-        return Err(format!(
+        return Err(BenchError::Workload(format!(
             "interrupted after {} runs; the partial report is in {}",
             camp.runs.len(),
             a.out.display()
-        ));
+        )));
     }
     let failed = camp.runs.iter().filter(|r| r.error.is_some()).count();
     if failed > 0 {
-        return Err(format!(
+        return Err(BenchError::Workload(format!(
             "{failed} of {} runs failed; see the report",
             camp.runs.len()
-        ));
+        )));
     }
     Ok(())
 }

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use control_msg::{DEVICE_MAC, ETHERTYPE};
-use guest_driver_patch::channel::Channel;
+use control_msg::DEVICE_MAC;
 use guest_driver_patch::format::{from_hex, hex};
+use guest_driver_patch::open_control;
 
 #[derive(Parser)]
 #[command(
@@ -63,7 +63,7 @@ fn parse_u16(s: &str) -> Result<u16, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ch = match Channel::open(&cli.iface, ETHERTYPE) {
+    let (ch, mac) = match open_control(&cli.iface) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vnb-frame: {e}");
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     };
     let mut frame = Vec::with_capacity(14 + cli.payload_hex.0.len());
     frame.extend_from_slice(&cli.dst.unwrap_or(DEVICE_MAC));
-    frame.extend_from_slice(&ch.mac);
+    frame.extend_from_slice(&mac);
     frame.extend_from_slice(&cli.ethertype.to_be_bytes());
     frame.extend_from_slice(&cli.payload_hex.0);
     if let Err(e) = ch.send(&frame) {
@@ -106,6 +106,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use control_msg::ETHERTYPE;
 
     #[test]
     fn arguments() {

@@ -12,9 +12,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use control_msg::{parse_frame, Flags, Message, Status, DEVICE_MAC, ETHERTYPE, MAX_FRAME_LEN};
-use guest_driver_patch::channel::Channel;
+use control_msg::{parse_frame, Flags, Message, Status, DEVICE_MAC, MAX_FRAME_LEN};
 use guest_driver_patch::format::{on_off, reply_line};
+use guest_driver_patch::open_control;
 
 #[derive(Parser)]
 #[command(
@@ -91,7 +91,7 @@ fn seq() -> u16 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ch = match Channel::open(&cli.iface, ETHERTYPE) {
+    let (ch, mac) = match open_control(&cli.iface) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vnb-guest: {e}");
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
     };
     let req = request(&cli.cmd, seq());
     let mut frame = [0u8; MAX_FRAME_LEN];
-    let n = req.encode_frame(DEVICE_MAC, ch.mac, &mut frame);
+    let n = req.encode_frame(DEVICE_MAC, mac, &mut frame);
     if let Err(e) = ch.send(&frame[..n]) {
         eprintln!("vnb-guest: cannot send on {}: {e}", cli.iface);
         return ExitCode::from(1);

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -374,54 +374,15 @@ impl<'a> Guest<'a> {
     }
 }
 
-/// A raw packet socket bound to an interface in the current namespace.
-pub struct PacketSocket(OwnedFd);
+/// A raw packet socket bound to an interface in the current namespace, receiving everything.
+pub struct PacketSocket(vnb_common::packet::PacketSocket);
 
 impl PacketSocket {
-    /// Opens and binds to `ifname`, with a receive timeout.
+    /// Opens and binds to `ifname`.
     pub fn bind(ifname: &str) -> Self {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                proto as i32,
-            )
-        };
-        assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
-        // SAFETY: we own the new fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let idx = vhost_net_batch::tap::if_index(ifname).expect("tap exists");
-        // SAFETY: sockaddr_ll is plain data.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = idx as i32;
-        // SAFETY: binding with a valid sockaddr_ll.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        // SAFETY: setting a timeval option.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
-        PacketSocket(fd)
+        let s = vnb_common::packet::PacketSocket::open(ifname, vnb_common::packet::ETH_P_ALL)
+            .unwrap_or_else(|e| panic!("packet socket on {ifname}: {e}"));
+        PacketSocket(s)
     }
 
     /// Receives frames until one satisfies `pred` or `timeout` passes.
@@ -430,29 +391,15 @@ impl PacketSocket {
         timeout: Duration,
         pred: impl Fn(&[u8]) -> bool,
     ) -> Option<Vec<u8>> {
-        let end = Instant::now() + timeout;
-        let mut buf = vec![0u8; 65536];
-        while Instant::now() < end {
-            // SAFETY: buf is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 && pred(&buf[..n as usize]) {
-                return Some(buf[..n as usize].to_vec());
-            }
-        }
-        None
+        self.0
+            .recv_until(timeout, |b| pred(b).then(|| b.to_vec()))
+            .unwrap_or_else(|e| panic!("packet socket: {e}"))
     }
 
     /// Sends one frame out of the interface (into the tap, so towards the guest).
     pub fn send(&self, frame: &[u8]) {
-        // SAFETY: frame is valid for reads of its length.
-        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n as usize,
-            frame.len(),
-            "send: {}",
-            io::Error::last_os_error()
-        );
+        let n = self.0.send(frame).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(n, frame.len(), "short send");
     }
 }
 
@@ -467,12 +414,12 @@ pub fn test_frame(seq: u8, len: usize) -> Vec<u8> {
 
 /// Open descriptors of this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+    vnb_common::procfs::own_fd_count().unwrap()
 }
 
 /// Threads of this process.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
+    vnb_common::procfs::own_thread_count().unwrap()
 }
 
 /// A fresh temporary directory.
@@ -578,15 +525,9 @@ impl Drop for Proc {
     }
 }
 
-/// User+system CPU seconds of a process (all its threads).
+/// User+system CPU seconds of a process (all its threads); 0 once it is gone.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    vnb_common::procfs::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// Starts the backend binary in namespace `ns` for one VM; waits for its socket.
