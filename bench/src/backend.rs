@@ -39,13 +39,14 @@ impl BackendSpec<'_> {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", self.ns]);
         let what = match self.config {
-            Backend::Ours { mode } => {
+            Backend::Ours { mode, tuning } => {
                 c.arg(self.vnb_bin)
                     .args([
                         "serve", "--vm", self.vm, "--tap", self.tap, "--mac", self.mac,
                     ])
                     .arg("--mode")
                     .arg(mode.to_string())
+                    .args(tuning.args())
                     .arg("--socket")
                     .arg(self.socket)
                     .args(["--log", "warn"]);

@@ -11,8 +11,9 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 
 use crate::error::{BenchError, Result};
-use crate::figures::{metrics, summary, Metric};
+use crate::figures::{self, metrics, summary, Metric};
 use crate::model::{Campaign, RunResult};
+use crate::pareto;
 
 /// Where the font is looked for.
 pub const FONT_PATHS: [&str; 2] = [
@@ -212,17 +213,275 @@ where
     Ok(())
 }
 
+/// Draws one configuration's point per workload: cost per GB against the RTT under load,
+/// whiskers from the smallest to the largest repetition, the Pareto front joined by a line.
+fn pareto_chart<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    c: &Campaign,
+    workload: &str,
+    view: (&str, &str),
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let name = format!("pareto-{workload}");
+    let err = chart_err(&name);
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let pts = pareto::points(c, workload, view);
+    let xmax = pts
+        .iter()
+        .map(|p| p.rtt_range.1)
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.1;
+    let ymax = pts
+        .iter()
+        .map(|p| p.cost_range.1)
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let energy = view.0.starts_with('J');
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{workload}: {} against {} under load{}",
+                view.0,
+                view.1,
+                if energy { estimate_tag(c) } else { "" }
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("{view_x} (lower is better)", view_x = view.1))
+        .y_desc(format!("{} (lower is better)", view.0))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let mut front: Vec<&pareto::Point> = pts.iter().filter(|p| p.on_front).collect();
+    front.sort_by(|a, b| a.rtt.total_cmp(&b.rtt));
+    chart
+        .draw_series(LineSeries::new(
+            front.iter().map(|p| (p.rtt, p.cost)),
+            BLACK.mix(0.4).stroke_width(2),
+        ))
+        .map_err(|e| err(&e))?;
+    for (k, p) in pts.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        chart
+            .draw_series([ErrorBar::new_vertical(
+                p.rtt,
+                p.cost_range.0,
+                p.cost,
+                p.cost_range.1,
+                color.stroke_width(1),
+                6,
+            )])
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series([ErrorBar::new_horizontal(
+                p.cost,
+                p.rtt_range.0,
+                p.rtt,
+                p.rtt_range.1,
+                color.stroke_width(1),
+                6,
+            )])
+            .map_err(|e| err(&e))?;
+        let size = if p.on_front { 7 } else { 4 };
+        chart
+            .draw_series([Circle::new((p.rtt, p.cost), size, color.filled())])
+            .map_err(|e| err(&e))?
+            .label(format!(
+                "{}{}",
+                p.config,
+                if p.on_front { " (front)" } else { "" }
+            ))
+            .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// The first `mix` run of each configuration of ours: p*, the delays in effect and the
+/// notifications per second over time, phases shaded.
+fn mix_policy<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    c: &Campaign,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = chart_err("mix-policy");
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let runs: Vec<&RunResult> = c
+        .configs
+        .iter()
+        .filter_map(|cf| {
+            c.runs
+                .iter()
+                .find(|r| &r.config == cf && r.workload == "mix" && !r.series.is_empty())
+        })
+        .collect();
+    let tmax = runs
+        .iter()
+        .flat_map(|r| r.series.last().map(|p| p.t_s))
+        .fold(1.0f64, f64::max);
+    let root = root
+        .titled("mix: the policy following the traffic", ("sans-serif", 22))
+        .map_err(|e| err(&e))?;
+    let panels = root.split_evenly((3, 1));
+    type Pick = fn(&crate::model::SeriesPoint) -> f64;
+    let specs: [(&str, Vec<(&str, Pick)>); 3] = [
+        ("p* (send share)", vec![("p*", |p| p.send_ratio)]),
+        (
+            "delay in effect (µs)",
+            vec![
+                ("RX", |p| f64::from(p.rx_delay_us)),
+                ("TX", |p| f64::from(p.tx_delay_us)),
+            ],
+        ),
+        (
+            "per second",
+            vec![
+                ("interrupts", |p| p.interrupts_per_s),
+                ("kicks", |p| p.kicks_per_s),
+            ],
+        ),
+    ];
+    for (panel, (title, lines)) in panels.iter().zip(specs) {
+        let ymax = runs
+            .iter()
+            .flat_map(|r| r.series.iter())
+            .flat_map(|p| lines.iter().map(move |(_, f)| f(p)))
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.1;
+        let mut chart = ChartBuilder::on(panel)
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..tmax, 0f64..ymax)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc(title)
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|e| err(&e))?;
+        if let Some(r) = runs.first() {
+            for (i, ph) in r.phases.iter().enumerate() {
+                let end = r.phases.get(i + 1).map_or(tmax, |n| n.t_s);
+                let shade = match ph.name.as_str() {
+                    "send" => RGBColor(255, 235, 205),
+                    "receive" => RGBColor(205, 230, 255),
+                    _ => RGBColor(225, 245, 225),
+                };
+                chart
+                    .draw_series([Rectangle::new([(ph.t_s, 0.0), (end, ymax)], shade.filled())])
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        for (k, r) in runs.iter().enumerate() {
+            for (j, (label, f)) in lines.iter().enumerate() {
+                let color = Palette99::pick(2 * k + j).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(
+                        r.series.iter().map(|p| (p.t_s, f(p))),
+                        color.stroke_width(2),
+                    ))
+                    .map_err(|e| err(&e))?
+                    .label(format!("{} {label}", r.config))
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                    });
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 11))
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
 /// The metrics charted per workload.
 pub const CHARTED: [&str; 3] = ["throughput Mb/s", "watts", "guest irq/s"];
 
-/// The charts a campaign gets: `(file base name, workload, metric title)`; the scatter has an
-/// empty workload.
-pub fn planned(c: &Campaign) -> Vec<(String, String, &'static str)> {
+/// One chart of a campaign.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chart {
+    /// A metric per configuration, for one workload.
+    Bars {
+        /// The workload.
+        workload: String,
+        /// The metric's title.
+        metric: &'static str,
+    },
+    /// The `rr` runs' p99 RTT against their energy.
+    RrScatter,
+    /// The energy-latency trade-off of one workload in one view of [`pareto::VIEWS`].
+    Pareto {
+        /// The workload.
+        workload: String,
+        /// Index into [`pareto::VIEWS`].
+        view: usize,
+    },
+    /// The policy over time in `mix` runs.
+    MixPolicy,
+}
+
+impl Chart {
+    /// The file base name.
+    pub fn base(&self) -> String {
+        match self {
+            Chart::Bars { workload, metric } => format!("{}-{}", slug(workload), slug(metric)),
+            Chart::RrScatter => "rr-latency-vs-energy".into(),
+            Chart::Pareto { workload, view } => {
+                format!("pareto-{}-{}", slug(workload), slug(pareto::VIEWS[*view].0))
+            }
+            Chart::MixPolicy => "mix-policy".into(),
+        }
+    }
+}
+
+/// The charts a campaign gets.
+pub fn planned(c: &Campaign) -> Vec<Chart> {
     let mut v = Vec::new();
     for w in &c.workloads {
         for m in metrics().into_iter().filter(|m| CHARTED.contains(&m.title)) {
             if c.configs.iter().any(|cf| summary(c, cf, w, &m).is_some()) {
-                v.push((format!("{}-{}", slug(w), slug(m.title)), w.clone(), m.title));
+                v.push(Chart::Bars {
+                    workload: w.clone(),
+                    metric: m.title,
+                });
+            }
+        }
+        for view in 0..pareto::VIEWS.len() {
+            if !pareto::points(c, w, pareto::VIEWS[view]).is_empty() {
+                v.push(Chart::Pareto {
+                    workload: w.clone(),
+                    view,
+                });
             }
         }
     }
@@ -230,9 +489,31 @@ pub fn planned(c: &Campaign) -> Vec<(String, String, &'static str)> {
         .iter()
         .any(|r| r.workload == "rr" && r.rtt_p99_ms.is_some() && r.joules.is_some())
     {
-        v.push(("rr-latency-vs-energy".into(), String::new(), ""));
+        v.push(Chart::RrScatter);
+    }
+    if c.runs
+        .iter()
+        .any(|r| r.workload == "mix" && !r.series.is_empty())
+    {
+        v.push(Chart::MixPolicy);
     }
     v
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    c: &Campaign,
+    chart: &Chart,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    match chart {
+        Chart::Bars { workload, metric } => bars(root, c, workload, &figures::metric(metric)),
+        Chart::RrScatter => scatter(root, c),
+        Chart::Pareto { workload, view } => pareto_chart(root, c, workload, pareto::VIEWS[*view]),
+        Chart::MixPolicy => mix_policy(root, c),
+    }
 }
 
 /// Draws every chart into `dir/charts/` as SVG and PNG; returns the files written.
@@ -241,30 +522,21 @@ pub fn write_charts(c: &Campaign, dir: &Path) -> Result<Vec<PathBuf>> {
     let out = dir.join("charts");
     std::fs::create_dir_all(&out).map_err(BenchError::file(&out))?;
     let mut files = Vec::new();
-    for (base, w, title) in planned(c) {
+    for chart in planned(c) {
+        let base = chart.base();
+        let size = match chart {
+            Chart::Bars { .. } => (1200, 520),
+            Chart::MixPolicy => (1400, 900),
+            _ => (900, 600),
+        };
         let svg = out.join(format!("{base}.svg"));
         let png = out.join(format!("{base}.png"));
-        if w.is_empty() {
-            scatter(SVGBackend::new(&svg, (900, 560)).into_drawing_area(), c)?;
-            scatter(BitMapBackend::new(&png, (900, 560)).into_drawing_area(), c)?;
-        } else {
-            let m = metrics()
-                .into_iter()
-                .find(|m| m.title == title)
-                .expect("a charted metric");
-            bars(
-                SVGBackend::new(&svg, (1200, 520)).into_drawing_area(),
-                c,
-                &w,
-                &m,
-            )?;
-            bars(
-                BitMapBackend::new(&png, (1200, 520)).into_drawing_area(),
-                c,
-                &w,
-                &m,
-            )?;
-        }
+        draw(SVGBackend::new(&svg, size).into_drawing_area(), c, &chart)?;
+        draw(
+            BitMapBackend::new(&png, size).into_drawing_area(),
+            c,
+            &chart,
+        )?;
         files.push(svg);
         files.push(png);
     }

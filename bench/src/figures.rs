@@ -11,6 +11,14 @@ pub struct Metric {
     pub get: fn(&RunResult) -> Option<f64>,
 }
 
+/// The metric titled `title`.
+pub fn metric(title: &str) -> Metric {
+    metrics()
+        .into_iter()
+        .find(|m| m.title == title)
+        .unwrap_or_else(|| panic!("no metric titled {title:?}"))
+}
+
 /// The columns of the report's tables.
 pub fn metrics() -> Vec<Metric> {
     vec![
@@ -73,6 +81,14 @@ pub fn metrics() -> Vec<Metric> {
         Metric {
             title: "J/GB",
             get: |r| r.joules_per_gb,
+        },
+        Metric {
+            title: "CPU-s/GB",
+            get: |r| r.cpu_s_per_gb,
+        },
+        Metric {
+            title: "irq+kicks/GB",
+            get: |r| r.notifications_per_gb,
         },
     ]
 }

@@ -10,16 +10,20 @@
 //! - [`model`]: configurations, workloads and per-run results;
 //! - [`backend`]: starting a vhost-user backend in a namespace and waiting until it serves;
 //! - [`runner`]: the campaign (namespaces, backends, guests, workloads, teardown);
+//! - [`pareto`]: the energy-latency trade-off: points, fronts, dominance;
+//! - [`adaptation`]: how the policy followed the phases of a `mix` run;
 //! - [`report`]: `report.md`, `results.csv`, `results.json`;
 //! - [`charts`]: bar charts with error bars and a latency-vs-energy scatter, SVG and PNG;
 //! - [`datapath`]: the data path's own cost without a VM (DPDK testpmd as the frontend).
 
+pub mod adaptation;
 pub mod backend;
 pub mod charts;
 pub mod datapath;
 pub mod error;
 pub mod figures;
 pub mod model;
+pub mod pareto;
 pub mod parse;
 pub mod report;
 pub mod runner;

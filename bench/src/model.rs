@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use vhost_net_batch::policy::EwmaRule;
 use vnb_common::mode::ModeSpec;
 
 use crate::error::BenchError;
@@ -27,17 +28,22 @@ pub enum Workload {
     /// The same echo while a 50 Mb/s UDP stream runs host→guest: the latency a request sees
     /// when batching is engaged (an idle link stays under the rate floor and is never delayed).
     RrLoad,
+    /// Direction-switching traffic: guest→host TCP bulk, host→guest TCP bulk, then ping-pong
+    /// (flood ping), one phase after the other, the cycle repeated; the backend's policy is
+    /// sampled every 100 ms so reports show it following the traffic.
+    Mix,
 }
 
 impl Workload {
     /// Every workload except the idle baseline, in report order.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::IperfTx,
         Workload::IperfRx,
         Workload::Http,
         Workload::Tbench,
         Workload::Rr,
         Workload::RrLoad,
+        Workload::Mix,
     ];
 
     /// The name used on the command line and in reports.
@@ -50,6 +56,7 @@ impl Workload {
             Workload::Tbench => "tbench",
             Workload::Rr => "rr",
             Workload::RrLoad => "rr-load",
+            Workload::Mix => "mix",
         }
     }
 }
@@ -79,10 +86,14 @@ impl FromStr for Workload {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Backend {
-    /// vhost-net-batch in a batching mode (`off`, `fixed:US`, `adaptive:US`).
+    /// vhost-net-batch in a batching mode (`off`, `fixed:US`, `adaptive:US`), with optional
+    /// policy settings after `@` (`adaptive:500@paper`).
     Ours {
         /// The `--mode` value.
         mode: ModeSpec,
+        /// Policy settings beyond the mode.
+        #[serde(default, skip_serializing_if = "Tuning::is_default")]
+        tuning: Tuning,
     },
     /// QEMU's own userspace virtio-net on a tap (`tx=timer` when asked).
     QemuTap {
@@ -98,6 +109,87 @@ pub enum Backend {
         /// The command line template.
         template: String,
     },
+}
+
+/// Policy settings of ours beyond the mode, written after `@` in a configuration name, comma
+/// separated: `paper` or `fast` (`--policy`), `floor=N` (`--rate-floor-pps`), `frames=F`
+/// (`--period-frames`). `adaptive:500@paper`, `fixed:500@floor=0,frames=0.25`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tuning {
+    /// The EWMA rule.
+    pub policy: Option<EwmaRule>,
+    /// The packet-rate floor, packets per second.
+    pub rate_floor_pps: Option<u32>,
+    /// Frames per delay period a direction needs to be delayed (as written).
+    pub period_frames: Option<String>,
+}
+
+impl Tuning {
+    fn is_default(&self) -> bool {
+        *self == Tuning::default()
+    }
+
+    fn parse(s: &str) -> Result<Tuning, BenchError> {
+        let mut t = Tuning::default();
+        let bad = |what: &str| {
+            BenchError::Input(format!(
+                "bad setting {what:?} after '@': use paper, fast, floor=PPS or frames=F"
+            ))
+        };
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                None if opt == "paper" => t.policy = Some(EwmaRule::Paper),
+                None if opt == "fast" => t.policy = Some(EwmaRule::Fast),
+                Some(("floor", v)) => t.rate_floor_pps = Some(v.parse().map_err(|_| bad(opt))?),
+                Some(("frames", v)) => {
+                    let f: f64 = v.parse().map_err(|_| bad(opt))?;
+                    if !(0.0..=64.0).contains(&f) {
+                        return Err(bad(opt));
+                    }
+                    t.period_frames = Some(v.to_string());
+                }
+                _ => return Err(bad(opt)),
+            }
+        }
+        Ok(t)
+    }
+
+    /// The backend flags these settings give.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        if let Some(p) = self.policy {
+            a.push("--policy".into());
+            a.push(p.name().into());
+        }
+        if let Some(f) = self.rate_floor_pps {
+            a.push("--rate-floor-pps".into());
+            a.push(f.to_string());
+        }
+        if let Some(f) = &self.period_frames {
+            a.push("--period-frames".into());
+            a.push(f.clone());
+        }
+        a
+    }
+}
+
+impl fmt::Display for Tuning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(p) = self.policy {
+            parts.push(p.name().into());
+        }
+        if let Some(v) = self.rate_floor_pps {
+            parts.push(format!("floor={v}"));
+        }
+        if let Some(v) = &self.period_frames {
+            parts.push(format!("frames={v}"));
+        }
+        if !parts.is_empty() {
+            write!(f, "@{}", parts.join(","))?;
+        }
+        Ok(())
+    }
 }
 
 impl Backend {
@@ -141,7 +233,7 @@ impl Backend {
     /// The configuration's name in reports: `off`, `adaptive:500`, `qemu-tap`, `qemu-tap-txtimer`.
     pub fn name(&self) -> String {
         match self {
-            Backend::Ours { mode } => mode.to_string(),
+            Backend::Ours { mode, tuning } => format!("{mode}{tuning}"),
             Backend::QemuTap { tx_timer: false } => "qemu-tap".into(),
             Backend::QemuTap { tx_timer: true } => "qemu-tap-txtimer".into(),
             Backend::External { name, .. } => format!("ext:{name}"),
@@ -158,14 +250,18 @@ impl FromStr for Backend {
         match s {
             "qemu-tap" => Ok(Backend::QemuTap { tx_timer: false }),
             "qemu-tap-txtimer" => Ok(Backend::QemuTap { tx_timer: true }),
-            _ => s
-                .parse::<ModeSpec>()
-                .map(|mode| Backend::Ours { mode })
-                .map_err(|e| {
+            _ => {
+                let (mode, tuning) = match s.split_once('@') {
+                    Some((m, t)) => (m, Tuning::parse(t)?),
+                    None => (s, Tuning::default()),
+                };
+                let mode = mode.parse::<ModeSpec>().map_err(|e| {
                     BenchError::Input(format!(
                         "unknown configuration {s:?}: {e}; or qemu-tap, qemu-tap-txtimer"
                     ))
-                }),
+                })?;
+                Ok(Backend::Ours { mode, tuning })
+            }
         }
     }
 }
@@ -185,9 +281,10 @@ pub struct RunResult {
     pub throughput_mbps: Option<f64>,
     /// Requests per second (http).
     pub requests_per_s: Option<f64>,
-    /// RTT median, ms (rr).
+    /// RTT median, ms: the `rr` echo itself, and for every other workload an echo at 100/s
+    /// running alongside it (the RTT under that load).
     pub rtt_p50_ms: Option<f64>,
-    /// RTT 99th percentile, ms (rr).
+    /// RTT 99th percentile, ms (as the median).
     pub rtt_p99_ms: Option<f64>,
     /// Guest interrupts per second on the NIC under test.
     pub guest_irqs_per_s: f64,
@@ -199,6 +296,16 @@ pub struct RunResult {
     pub kicks_per_packet: Option<f64>,
     /// Packets the guest sent and received.
     pub guest_packets: u64,
+    /// Bytes the guest's NIC sent and received.
+    #[serde(default)]
+    pub guest_bytes: u64,
+    /// Guest interrupts plus kicks per GB the guest's NIC moved (kicks come from our
+    /// backend's counters: none for QEMU's own NIC).
+    #[serde(default)]
+    pub notifications_per_gb: Option<f64>,
+    /// CPU seconds of the backend and of QEMU per GB the guest's NIC moved.
+    #[serde(default)]
+    pub cpu_s_per_gb: Option<f64>,
     /// CPU seconds of the backend process (none when QEMU is the backend).
     pub backend_cpu_s: Option<f64>,
     /// CPU seconds of QEMU.
@@ -221,6 +328,42 @@ pub struct RunResult {
     pub domains: Vec<DomainFigure>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
+    /// Our backend's policy and notifications, sampled over the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<SeriesPoint>,
+    /// When the phases of a `mix` run began.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseMark>,
+}
+
+/// One sample of our backend's state during a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Seconds since the run's start.
+    pub t_s: f64,
+    /// `p*`, the smoothed send share.
+    pub send_ratio: f64,
+    /// RX interrupt delay in effect, µs.
+    pub rx_delay_us: u32,
+    /// TX kick delay in effect, µs.
+    pub tx_delay_us: u32,
+    /// Interrupts the backend sent per second since the previous sample.
+    pub interrupts_per_s: f64,
+    /// Kicks the backend received per second since the previous sample.
+    pub kicks_per_s: f64,
+    /// Frames the guest sent per second since the previous sample.
+    pub tx_pps: f64,
+    /// Frames the guest received per second since the previous sample.
+    pub rx_pps: f64,
+}
+
+/// The start of a phase of a `mix` run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseMark {
+    /// Seconds since the run's start.
+    pub t_s: f64,
+    /// `send` (guest→host bulk), `receive` (host→guest bulk) or `ping-pong`.
+    pub name: String,
 }
 
 /// One power domain's figures over a run.

@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::error::{BenchError, Result};
 use crate::figures::{metrics, summary, Metric};
 use crate::model::{Campaign, RunResult};
+use crate::{adaptation, pareto};
 
 fn fmt_num(v: f64) -> String {
     let a = v.abs();
@@ -162,13 +163,16 @@ pub fn markdown(c: &Campaign) -> String {
         o,
         "Cells: mean ± stddev [min/median/max] over repetitions, and the change against `off` in parentheses.\n"
     );
+    trade_off(&mut o, c);
+    adaptation(&mut o, c);
     let charts = crate::charts::planned(c);
     if !charts.is_empty() {
         let _ = writeln!(
             o,
             "## Charts\n\nIn `charts/`, as SVG and PNG (bars: mean, whiskers: ± stddev).\n"
         );
-        for (base, _, _) in &charts {
+        for chart in &charts {
+            let base = chart.base();
             let _ = writeln!(o, "![{base}](charts/{base}.png)");
         }
         let _ = writeln!(o);
@@ -200,6 +204,159 @@ pub fn markdown(c: &Campaign) -> String {
         }
     }
     o
+}
+
+/// The configuration the trade-off section judges: adaptive at the default budget, default rule.
+pub const DEFAULT_CONFIG: &str = "adaptive:500";
+
+/// Per workload, the energy-latency points of every configuration, their Pareto fronts and
+/// whether any configuration dominates [`DEFAULT_CONFIG`].
+fn trade_off(o: &mut String, c: &Campaign) {
+    let workloads: Vec<&String> = c
+        .workloads
+        .iter()
+        .filter(|w| !pareto::points(c, w, pareto::VIEWS[0]).is_empty())
+        .collect();
+    if workloads.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Energy-latency trade-off\n\n\
+         One point per configuration: medians over repetitions of the cost per GB the guest's \
+         NIC moved (backend + QEMU CPU seconds; joules) and of the RTT of an echo at 100/s \
+         running alongside the workload. A point is on the front (✓) when no other is at least \
+         as good on both axes and better on one. Charts: `charts/pareto-*`.\n"
+    );
+    for w in workloads {
+        let _ = writeln!(o, "### {w}\n");
+        let views: Vec<Vec<pareto::Point>> = pareto::VIEWS
+            .iter()
+            .map(|v| pareto::points(c, w, *v))
+            .collect();
+        let _ = writeln!(
+            o,
+            "| configuration | RTT p50 ms | RTT p99 ms | CPU-s/GB | J/GB | front (CPU-s/GB, p99) | front (J/GB, p50) |\n|---|---|---|---|---|---|---|"
+        );
+        for cf in &c.configs {
+            let find = |v: usize| views[v].iter().find(|p| &p.config == cf);
+            let (Some(a), b) = (find(0), find(1)) else {
+                continue;
+            };
+            let mark = |p: Option<&pareto::Point>| match p {
+                Some(p) if p.on_front => "✓",
+                Some(_) => "",
+                None => "–",
+            };
+            let _ = writeln!(
+                o,
+                "| {cf} | {} | {} | {} | {} | {} | {} |",
+                b.map_or("–".into(), |b| fmt_num(b.rtt)),
+                fmt_num(a.rtt),
+                fmt_num(a.cost),
+                b.map_or("–".into(), |b| fmt_num(b.cost)),
+                mark(Some(a)),
+                mark(b)
+            );
+        }
+        let _ = writeln!(o);
+        for (v, pts) in pareto::VIEWS.iter().zip(&views) {
+            if !pts.iter().any(|p| p.config == DEFAULT_CONFIG) {
+                continue;
+            }
+            let d = pareto::dominators(pts, DEFAULT_CONFIG);
+            if d.is_empty() {
+                let _ = writeln!(
+                    o,
+                    "- ({}, {}): `{DEFAULT_CONFIG}` is on the front.",
+                    v.0, v.1
+                );
+            } else {
+                let who: Vec<String> = d
+                    .iter()
+                    .map(|(p, dc, dr)| {
+                        format!(
+                            "`{}` ({:.0} % cheaper, {} ms lower)",
+                            p.config,
+                            dc * 100.0,
+                            fmt_num(*dr)
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "- ({}, {}): `{DEFAULT_CONFIG}` is dominated by {}.",
+                    v.0,
+                    v.1,
+                    who.join(", ")
+                );
+            }
+        }
+        let _ = writeln!(o);
+    }
+}
+
+/// Per `mix` run of ours, how the policy followed each phase.
+fn adaptation(o: &mut String, c: &Campaign) {
+    let runs: Vec<&RunResult> = c
+        .runs
+        .iter()
+        .filter(|r| r.workload == "mix" && !r.series.is_empty() && r.error.is_none())
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Adaptation (mix)\n\n\
+         Per phase: the share of packets the guest sent (backend counters), `p*` when the phase \
+         began, the time `p*` took to cover 90 % of the way to that share once the phase's \
+         traffic flowed (at half its median packet rate; – when the phase asked \
+         for less than {:.1} of a move, ✗ when it did not get there within the phase), and the \
+         mean distance between `p*` and the share. Chart: `charts/mix-policy.png`.\n",
+        adaptation::MIN_STEP
+    );
+    let _ = writeln!(
+        o,
+        "| configuration | rep | phase | start s | share | p* at start | 90 % rise s | mean error |\n|---|---|---|---|---|---|---|---|"
+    );
+    for r in &runs {
+        for f in adaptation::fit(r) {
+            let rise = match (f.step, f.rise_s) {
+                (false, _) => "–".to_string(),
+                (true, None) => "✗".to_string(),
+                (true, Some(t)) => format!("{t:.1}"),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {rise} | {:.2} |",
+                r.config, r.rep, f.name, f.start_s, f.share, f.p_start, f.mean_error
+            );
+        }
+    }
+    let _ = writeln!(o);
+    for cf in &c.configs {
+        let fits: Vec<adaptation::PhaseFit> = runs
+            .iter()
+            .filter(|r| &r.config == cf)
+            .flat_map(|r| adaptation::fit(r))
+            .filter(|f| f.step)
+            .collect();
+        if fits.is_empty() {
+            continue;
+        }
+        let reached: Vec<f64> = fits.iter().filter_map(|f| f.rise_s).collect();
+        let _ = writeln!(
+            o,
+            "- `{cf}`: {} of {} direction changes reached 90 % within their phase{}; mean distance to the traffic's share {:.2}.",
+            reached.len(),
+            fits.len(),
+            crate::stats::percentile(&reached, 50.0)
+                .map_or(String::new(), |m| format!(", median rise {m:.1} s")),
+            fits.iter().map(|f| f.mean_error).sum::<f64>() / fits.len() as f64
+        );
+    }
+    let _ = writeln!(o);
 }
 
 /// Writes `results.json`, `results.csv` and `report.md` into `dir`.

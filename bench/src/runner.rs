@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhost_net_batch::metrics::QueueSnapshot;
 use vnb_common::procfs;
 
 use crate::backend::BackendSpec;
 use crate::error::{sh, BenchError, Result};
-use crate::model::{Backend, Campaign, Machine, RunResult, Workload};
+use crate::model::{Backend, Campaign, Machine, PhaseMark, RunResult, SeriesPoint, Workload};
 use crate::parse;
 use crate::stats::percentile;
 
@@ -42,6 +43,10 @@ pub struct RunOptions {
     pub command: String,
     /// Scratch directory (sockets, logs).
     pub scratch: PathBuf,
+    /// Seconds per phase of `mix`.
+    pub mix_phase_s: u32,
+    /// Measure the idle baseline of each guest before its workloads.
+    pub idle: bool,
 }
 
 /// One configuration's VM: namespace, backend, QEMU. Dropping it tears everything down.
@@ -107,6 +112,7 @@ impl Vm {
 struct Snap {
     irqs: u64,
     packets: u64,
+    bytes: u64,
     kicks: Option<u64>,
     backend_cpu: Option<f64>,
     qemu_cpu: f64,
@@ -150,7 +156,8 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let total = opts.configs.len() * opts.reps as usize * (opts.workloads.len() + 1);
+    let total =
+        opts.configs.len() * opts.reps as usize * (opts.workloads.len() + usize::from(opts.idle));
     let started = Instant::now();
     let mut done = 0usize;
     for rep in 1..=opts.reps {
@@ -171,7 +178,8 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<Campaign> {
             if camp.machine.guest_kernel.is_empty() {
                 camp.machine.guest_kernel = vm.gexec("uname -r").unwrap_or_default().trim().into();
             }
-            for w in std::iter::once(Workload::Idle).chain(opts.workloads.iter().copied()) {
+            let idle = opts.idle.then_some(Workload::Idle);
+            for w in idle.into_iter().chain(opts.workloads.iter().copied()) {
                 if stop.load(Ordering::Relaxed) {
                     camp.interrupted = true;
                     return Ok(camp);
@@ -332,22 +340,25 @@ fn vm_agent(dir: &Path) -> PathBuf {
 
 fn snap(vm: &Vm) -> Result<Snap> {
     let text = vm.gexec(
-        "cat /proc/interrupts; echo PKTS $(cat /sys/class/net/eth0/statistics/rx_packets) $(cat /sys/class/net/eth0/statistics/tx_packets)",
+        "cat /proc/interrupts; cd /sys/class/net/eth0/statistics; \
+         echo PKTS $(cat rx_packets tx_packets); echo BYTES $(cat rx_bytes tx_bytes)",
     )?;
-    let packets = text
-        .lines()
-        .find_map(|l| l.strip_prefix("PKTS "))
-        .map(|r| {
-            r.split_whitespace()
-                .filter_map(|v| v.parse::<u64>().ok())
-                .sum()
-        })
-        .unwrap_or(0);
+    let sum = |tag: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .map(|r| {
+                r.split_whitespace()
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
     let qemu = vm.qemu_pid.unwrap_or(0);
     let backend = vm.backend.as_ref().map(|c| c.id());
     Ok(Snap {
         irqs: parse::interrupts(&text, "virtio1-"),
-        packets,
+        packets: sum("PKTS "),
+        bytes: sum("BYTES "),
         kicks: vm.kicks(),
         backend_cpu: backend.map(|p| procfs::cpu_seconds(p).unwrap_or(0.0)),
         qemu_cpu: procfs::cpu_seconds(qemu).unwrap_or(0.0),
@@ -368,28 +379,103 @@ fn run_one(vm: &Vm, opts: &RunOptions, w: Workload, sampler: &power::Sampler) ->
     r
 }
 
-fn measure(
+/// An ICMP echo at 100/s from the host side while a workload runs: the RTT under that load.
+struct RttProbe(Child);
+
+impl RttProbe {
+    fn start(vm: &Vm) -> Result<RttProbe> {
+        vm.host(&["ping", "-i", "0.01", "-W", "1", GUEST_IP])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(RttProbe)
+            .map_err(|source| BenchError::Spawn {
+                cmd: "ping".into(),
+                source,
+            })
+    }
+
+    /// Stops the probe; the round-trip times it saw, ms.
+    fn finish(self) -> Result<Vec<f64>> {
+        // SAFETY: signalling our own child; SIGINT makes ping print what it has and exit.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let out = self
+            .0
+            .wait_with_output()
+            .map_err(|source| BenchError::Spawn {
+                cmd: "ping".into(),
+                source,
+            })?;
+        Ok(parse::ping_rtts_ms(&String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+/// Samples our backend's policy and counters every `every` until stopped (on its own thread).
+fn sample_series(ctl: &Path, t0: Instant, every: Duration, stop: &AtomicBool) -> Vec<SeriesPoint> {
+    let mut out = Vec::new();
+    let mut prev: Option<(Instant, QueueSnapshot)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(s) = vhost_net_batch::control_socket::stats(ctl, "bench") {
+            let now = Instant::now();
+            let t = s.total;
+            if let Some((then, p)) = prev {
+                let dt = now.duration_since(then).as_secs_f64().max(1e-6);
+                let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / dt;
+                out.push(SeriesPoint {
+                    t_s: now.duration_since(t0).as_secs_f64(),
+                    send_ratio: s.policy.send_ratio,
+                    rx_delay_us: s.policy.applied_rx_delay_us,
+                    tx_delay_us: s.policy.applied_tx_delay_us,
+                    interrupts_per_s: rate(
+                        p.rx_interrupts + p.tx_interrupts,
+                        t.rx_interrupts + t.tx_interrupts,
+                    ),
+                    kicks_per_s: rate(p.rx_kicks + p.tx_kicks, t.rx_kicks + t.tx_kicks),
+                    tx_pps: rate(p.tx_packets, t.tx_packets),
+                    rx_pps: rate(p.rx_packets, t.rx_packets),
+                });
+            }
+            prev = Some((now, t));
+        }
+        std::thread::sleep(every);
+    }
+    out
+}
+
+/// The phases of `mix`, in order.
+const MIX_PHASES: [&str; 3] = ["send", "receive", "ping-pong"];
+
+/// Runs the workload itself; fills throughput, requests and phases.
+fn run_workload(
     vm: &Vm,
     opts: &RunOptions,
     w: Workload,
-    sampler: &power::Sampler,
+    t0: Instant,
     r: &mut RunResult,
 ) -> Result<()> {
     let d = opts.duration.to_string();
-    let a = snap(vm)?;
-    let m0 = sampler.mark()?;
-    let t0 = Instant::now();
-    let mut bytes: Option<f64> = None;
+    let iperf = |secs: &str, guest_sends: bool| -> Result<f64> {
+        let mut args = vec!["iperf3", "-c", GUEST_IP, "-t", secs, "-J"];
+        if guest_sends {
+            args.push("-R");
+        }
+        // The guest's iperf3 server takes a moment to listen again after a test (seconds
+        // under TCG): a refused or busy connection right after one is retried for up to 5 s.
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = sh(&mut vm.host(&args)).and_then(|out| parse::iperf3_mbps(&out));
+            match r {
+                Err(e) if Instant::now() < end && iperf_not_ready(&e) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
+    };
     match w {
         Workload::Idle => std::thread::sleep(Duration::from_secs(u64::from(opts.duration))),
         Workload::IperfTx | Workload::IperfRx => {
-            let mut args = vec!["iperf3", "-c", GUEST_IP, "-t", &d, "-J"];
-            if w == Workload::IperfTx {
-                args.push("-R");
-            }
-            let out = sh(&mut vm.host(&args))?;
-            let mbps = parse::iperf3_mbps(&out)?;
-            r.throughput_mbps = Some(mbps);
+            r.throughput_mbps = Some(iperf(&d, w == Workload::IperfTx)?);
         }
         Workload::Http => {
             let url = format!("http://{GUEST_IP}/20M.bin");
@@ -411,41 +497,10 @@ fn measure(
             r.throughput_mbps = Some(mbs * 8.0 * 1.048_576);
         }
         Workload::RrLoad => {
-            let secs = (opts.duration + 2).to_string();
-            let load = vm
-                .host(&[
-                    "iperf3", "-c", GUEST_IP, "-u", "-b", "50M", "-l", "1400", "-t", &secs, "-J",
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .map_err(|source| BenchError::Spawn {
-                    cmd: "iperf3".into(),
-                    source,
-                })?;
-            std::thread::sleep(Duration::from_secs(1));
-            let count = (opts.duration * 100).to_string();
-            let ping = sh(&mut vm.host(&["ping", "-c", &count, "-i", "0.01", "-W", "1", GUEST_IP]));
-            let out = load
-                .wait_with_output()
-                .map_err(|source| BenchError::Spawn {
-                    cmd: "iperf3".into(),
-                    source,
-                })?;
-            let ping = ping?;
-            if !out.status.success() {
-                return Err(BenchError::Workload(format!(
-                    "background iperf3 failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            r.throughput_mbps = Some(parse::iperf3_mbps(&String::from_utf8_lossy(&out.stdout))?);
-            let rtts = parse::ping_rtts_ms(&ping);
-            if rtts.is_empty() {
-                return Err(BenchError::Workload("no ping replies under load".into()));
-            }
-            r.rtt_p50_ms = percentile(&rtts, 50.0);
-            r.rtt_p99_ms = percentile(&rtts, 99.0);
+            let out = sh(&mut vm.host(&[
+                "iperf3", "-c", GUEST_IP, "-u", "-b", "50M", "-l", "1400", "-t", &d, "-J",
+            ]))?;
+            r.throughput_mbps = Some(parse::iperf3_mbps(&out)?);
         }
         Workload::Rr => {
             let count = (opts.duration * 100).to_string();
@@ -457,7 +512,82 @@ fn measure(
             r.rtt_p50_ms = percentile(&rtts, 50.0);
             r.rtt_p99_ms = percentile(&rtts, 99.0);
         }
+        Workload::Mix => {
+            let phase = opts.mix_phase_s.to_string();
+            for _ in 0..mix_cycles(opts) {
+                for name in MIX_PHASES {
+                    r.phases.push(PhaseMark {
+                        t_s: t0.elapsed().as_secs_f64(),
+                        name: name.into(),
+                    });
+                    match name {
+                        "send" => {
+                            iperf(&phase, true)?;
+                        }
+                        "receive" => {
+                            iperf(&phase, false)?;
+                        }
+                        _ => {
+                            // Request/response as fast as the replies come back.
+                            sh(&mut vm.host(&["ping", "-f", "-q", "-w", &phase, GUEST_IP]))?;
+                        }
+                    }
+                }
+            }
+        }
     }
+    Ok(())
+}
+
+/// Whether iperf3 failed because the guest's server was not listening yet or still busy.
+fn iperf_not_ready(e: &BenchError) -> bool {
+    let t = e.to_string();
+    t.contains("Connection refused") || t.contains("server is busy")
+}
+
+/// Cycles of `mix`: at least two, and as many as `--duration` asks for.
+fn mix_cycles(opts: &RunOptions) -> u32 {
+    let cycle = 3 * opts.mix_phase_s.max(1);
+    opts.duration.div_ceil(cycle).max(2)
+}
+
+fn measure(
+    vm: &Vm,
+    opts: &RunOptions,
+    w: Workload,
+    sampler: &power::Sampler,
+    r: &mut RunResult,
+) -> Result<()> {
+    let a = snap(vm)?;
+    let m0 = sampler.mark()?;
+    let t0 = Instant::now();
+    // The echo alongside the workload (`rr` is that echo itself) and the policy's samples.
+    let probe = match w {
+        Workload::Idle | Workload::Rr => None,
+        _ => Some(RttProbe::start(vm)?),
+    };
+    let every = Duration::from_millis(if w == Workload::Mix { 100 } else { 250 });
+    let stop = AtomicBool::new(false);
+    let (done, series) = std::thread::scope(|s| {
+        let sampler = vm
+            .control
+            .as_deref()
+            .map(|ctl| s.spawn(|| sample_series(ctl, t0, every, &stop)));
+        let done = run_workload(vm, opts, w, t0, r);
+        stop.store(true, Ordering::Relaxed);
+        let series = sampler.map(|h| h.join().unwrap_or_default());
+        (done, series.unwrap_or_default())
+    });
+    let rtts = probe.map(RttProbe::finish).transpose();
+    done?;
+    if let Some(rtts) = rtts? {
+        if rtts.is_empty() {
+            return Err(BenchError::Workload(format!("no ping replies during {w}")));
+        }
+        r.rtt_p50_ms = percentile(&rtts, 50.0);
+        r.rtt_p99_ms = percentile(&rtts, 99.0);
+    }
+    r.series = series;
     let secs = t0.elapsed().as_secs_f64();
     let m1 = sampler.mark()?;
     let b = snap(vm)?;
@@ -477,23 +607,19 @@ fn measure(
             })
         })
         .collect();
-    if let (Some(mbps), None) = (r.throughput_mbps, bytes) {
-        bytes = Some(mbps * 1e6 / 8.0 * secs);
-    }
-    if let (Some(j), Some(by)) = (r.joules, bytes) {
-        if by > 0.0 {
-            r.joules_per_gb = Some(j / (by / 1e9));
-        }
-    }
     let packets = b.packets.saturating_sub(a.packets);
     r.guest_packets = packets;
+    r.guest_bytes = b.bytes.saturating_sub(a.bytes);
+    if w == Workload::Mix {
+        r.throughput_mbps = Some(r.guest_bytes as f64 * 8.0 / secs / 1e6);
+    }
     let irqs = b.irqs.saturating_sub(a.irqs);
     r.guest_irqs_per_s = irqs as f64 / secs;
     if packets > 0 {
         r.irqs_per_packet = Some(irqs as f64 / packets as f64);
     }
-    if let (Some(k0), Some(k1)) = (a.kicks, b.kicks) {
-        let k = k1.saturating_sub(k0);
+    let kicks = a.kicks.zip(b.kicks).map(|(k0, k1)| k1.saturating_sub(k0));
+    if let Some(k) = kicks {
         r.kicks_per_s = Some(k as f64 / secs);
         if packets > 0 {
             r.kicks_per_packet = Some(k as f64 / packets as f64);
@@ -506,5 +632,12 @@ fn measure(
         .zip(b.backend_ctx)
         .map(|(x, y)| y.saturating_sub(x));
     r.qemu_ctx_switches = b.qemu_ctx.saturating_sub(a.qemu_ctx);
+    // Per GB the guest's NIC moved (received + sent, headers included).
+    if r.guest_bytes > 0 {
+        let gb = r.guest_bytes as f64 / 1e9;
+        r.joules_per_gb = r.joules.map(|j| j / gb);
+        r.notifications_per_gb = kicks.map(|k| (irqs + k) as f64 / gb);
+        r.cpu_s_per_gb = Some((r.backend_cpu_s.unwrap_or(0.0) + r.qemu_cpu_s) / gb);
+    }
     Ok(())
 }

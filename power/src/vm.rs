@@ -329,13 +329,20 @@ struct MeterState {
 struct MeterShared {
     sampler: Sampler,
     state: Mutex<MeterState>,
+    /// Held while a step reads the sources and apportions: steps never interleave.
+    step: Mutex<()>,
     base_watts: f64,
 }
 
 impl MeterShared {
     fn step(&self) -> Result<(), PowerError> {
+        // Reading the sources can take as long as a meter command's timeout: it happens under
+        // the step lock only, never under the state lock that readers of the VMs' energy (a
+        // guest's control reply, the metrics) take.
+        let _one_step = lock(&self.step);
+        let now = self.sampler.mark();
         let mut st = lock(&self.state);
-        let now = match self.sampler.mark() {
+        let now = match now {
             Ok(m) => m,
             Err(e) => {
                 st.status.last_error = Some(e.to_string());
@@ -410,6 +417,7 @@ impl VmEnergyMeter {
                 prev,
                 status: MeterStatus::default(),
             }),
+            step: Mutex::new(()),
             base_watts,
         });
         let th = Arc::clone(&shared);

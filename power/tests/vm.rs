@@ -112,6 +112,82 @@ impl EnergySource for Constant {
     }
 }
 
+/// A source whose reads hang while `stuck` is set (a meter command waiting for its timeout).
+struct Hanging {
+    t0: Instant,
+    stuck: Arc<AtomicBool>,
+    domains: Vec<DomainInfo>,
+}
+
+impl EnergySource for Hanging {
+    fn name(&self) -> &str {
+        "hanging"
+    }
+    fn description(&self) -> String {
+        "reads hang while told to".into()
+    }
+    fn domains(&self) -> &[DomainInfo] {
+        &self.domains
+    }
+    fn read(&mut self, now: Instant) -> Result<Vec<f64>, PowerError> {
+        while self.stuck.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(vec![
+            50.0 * now.saturating_duration_since(self.t0).as_secs_f64(),
+        ])
+    }
+}
+
+#[test]
+fn a_hung_source_never_blocks_readers_of_a_vms_energy() {
+    let p = two_vm_proc();
+    let stuck = Arc::new(AtomicBool::new(false));
+    let sampler = Sampler::start(
+        vec![Box::new(Hanging {
+            t0: Instant::now(),
+            stuck: stuck.clone(),
+            domains: vec![DomainInfo::energy("wall", true)],
+        })],
+        SamplerConfig::every(Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let meter = VmEnergyMeter::start(
+        sampler,
+        MeterConfig {
+            period: Duration::from_secs(3600),
+            base_watts: Some(0.0),
+            proc_root: p.path().to_path_buf(),
+        },
+    )
+    .unwrap();
+    let h = meter.handle();
+    h.register_vm("a", vm_a());
+    h.flush().unwrap();
+    let before = h.energy_uj("a");
+    stuck.store(true, Ordering::Relaxed);
+    // A step now waits for the source, as a meter command does until its timeout.
+    let stepping = {
+        let h = h.clone();
+        thread::spawn(move || h.flush())
+    };
+    thread::sleep(Duration::from_millis(50));
+    // Readers (a guest's control reply, the metrics) answer at once with what is known.
+    let (tx, rx) = mpsc::channel();
+    {
+        let h = h.clone();
+        thread::spawn(move || {
+            let _ = tx.send((h.energy_uj("a"), h.status().periods));
+        });
+    }
+    let got = rx.recv_timeout(Duration::from_millis(500));
+    stuck.store(false, Ordering::Relaxed);
+    let (e, _) = got.expect("energy_uj waited for the hung source");
+    assert_eq!(e, before);
+    stepping.join().unwrap().unwrap();
+    meter.stop();
+}
+
 #[test]
 fn meter_apportions_and_sums_to_the_total() {
     let p = two_vm_proc();

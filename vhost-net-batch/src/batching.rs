@@ -67,7 +67,7 @@ impl VmBatching {
             energy: Mutex::new(None),
             energy_kind: Mutex::new(None),
         };
-        b.publish(&b.inner.lock().unwrap().policy);
+        b.publish(&b.inner.lock().unwrap_or_else(|e| e.into_inner()).policy);
         b
     }
 
@@ -102,32 +102,40 @@ impl VmBatching {
 
     /// The operator changes mode and budget; effective at the workers' next wake-up.
     pub fn set_operator(&self, mode: ModeKind, budget_us: u32) {
-        let mut g = self.inner.lock().unwrap();
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.policy.set_operator(mode, budget_us);
         self.publish(&g.policy);
     }
 
     /// A new frontend connected: forget what the previous guest asked for.
     pub fn reset_guest(&self) {
-        let mut g = self.inner.lock().unwrap();
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.policy.reset_guest();
         self.publish(&g.policy);
     }
 
     /// The policy's state.
     pub fn view(&self) -> PolicyView {
-        self.inner.lock().unwrap().policy.view()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .policy
+            .view()
     }
 
     /// Control-frame counters.
     pub fn control_counts(&self) -> ControlCounts {
-        self.inner.lock().unwrap().control.counts
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .control
+            .counts
     }
 
     /// Counts control frames from the tap (dropped) and replies lost for want of RX buffers.
     pub fn count_control(&self, from_tap: u64, replies_lost: u64) {
         if from_tap | replies_lost != 0 {
-            let mut g = self.inner.lock().unwrap();
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             g.control.counts.from_tap += from_tap;
             g.control.counts.replies_lost += replies_lost;
         }
@@ -136,18 +144,25 @@ impl VmBatching {
     /// Installs the source of the VM's energy figure (power sampling on); `kind` says whether
     /// it is a `measurement` or an `estimate`, and goes wherever the figure goes.
     pub fn set_energy_source(&self, f: EnergySource, kind: &str) {
-        *self.energy.lock().unwrap() = Some(f);
-        *self.energy_kind.lock().unwrap() = Some(kind.to_string());
+        *self.energy.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *self.energy_kind.lock().unwrap_or_else(|e| e.into_inner()) = Some(kind.to_string());
     }
 
     /// `measurement` or `estimate` when power sampling is on.
     pub fn energy_kind(&self) -> Option<String> {
-        self.energy_kind.lock().unwrap().clone()
+        self.energy_kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The VM's energy since attach in µJ, if sampling is on.
     pub fn energy_uj(&self) -> Option<u64> {
-        self.energy.lock().unwrap().as_ref().and_then(|f| f())
+        self.energy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|f| f())
     }
 
     /// Handles a control frame from the guest; the reply (if any) is written to `out`.
@@ -158,7 +173,7 @@ impl VmBatching {
         out: &mut [u8; MAX_FRAME_LEN],
     ) -> (Outcome, Option<usize>) {
         let energy = self.energy_uj().unwrap_or(ENERGY_UNKNOWN);
-        let mut g = self.inner.lock().unwrap();
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let Inner { policy, control } = &mut *g;
         let r = control.handle(policy, frame, now_ns, energy, out);
         self.publish(policy);

@@ -10,7 +10,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::policy::{resolve_budget, ModeSpec, PolicyConfig, PolicyError};
+use crate::access::{group_id, Access, SocketMode, DEFAULT_MODE};
+use crate::policy::{resolve_budget, EwmaRule, ModeSpec, PolicyConfig, PolicyError};
 use crate::tap::validate_ifname;
 
 /// Most queue pairs per VM (one worker thread each).
@@ -75,6 +76,14 @@ pub enum ConfigError {
         /// Why.
         #[source]
         source: PolicyError,
+    },
+    /// `socket_group` names no group of this system.
+    #[error("VM {vm:?}: no group named {group:?} (give a group name or a numeric gid)")]
+    UnknownGroup {
+        /// VM name.
+        vm: String,
+        /// The group asked for.
+        group: String,
     },
     /// No VM configured.
     #[error("no VM configured: give --vm/--socket/--tap or --config FILE with [[vm]] tables")]
@@ -181,11 +190,17 @@ pub struct VmConfig {
     #[arg(long, value_name = "US")]
     #[serde(default)]
     pub budget_us: Option<u32>,
+    /// How the send share p* follows the traffic: `fast` (default: EWMAs of the packet rates
+    /// every 100 ms, follows a change within ~0.5 s) or `paper` (the paper's EWMA of the send
+    /// ratio every 5 s).
+    #[arg(long, value_name = "RULE")]
+    #[serde(default)]
+    pub policy: Option<EwmaRule>,
     /// EWMA smoothing factor α in [0, 1) (default 0.75).
     #[arg(long, value_name = "A")]
     #[serde(default)]
     pub alpha: Option<f64>,
-    /// EWMA update interval in ms (default 5000).
+    /// EWMA update interval in ms (default 100 for `fast`, 5000 for `paper`).
     #[arg(long, value_name = "MS")]
     #[serde(default)]
     pub update_ms: Option<u32>,
@@ -194,6 +209,20 @@ pub struct VmConfig {
     #[arg(long, value_name = "N")]
     #[serde(default)]
     pub rate_floor_pps: Option<u32>,
+    /// A direction is delayed only if its rate brings at least this many frames per delay
+    /// period (default 1; 0 to 64).
+    #[arg(long, value_name = "F")]
+    #[serde(default)]
+    pub period_frames: Option<f64>,
+    /// The vhost-user socket's permission bits, octal (default 0600: the daemon's user only).
+    #[arg(long, value_name = "MODE")]
+    #[serde(default)]
+    pub socket_mode: Option<SocketMode>,
+    /// A group (name or gid) given the vhost-user socket; its members may connect (QEMU
+    /// running as another user of that group).
+    #[arg(long, value_name = "GROUP")]
+    #[serde(default)]
+    pub socket_group: Option<String>,
 }
 
 impl VmConfig {
@@ -212,9 +241,13 @@ impl VmConfig {
             mac,
             mode: None,
             budget_us: None,
+            policy: None,
             alpha: None,
             update_ms: None,
             rate_floor_pps: None,
+            period_frames: None,
+            socket_mode: None,
+            socket_group: None,
         }
     }
 
@@ -230,16 +263,34 @@ impl VmConfig {
         });
         let (mode, budget_us) = resolve_budget(spec, self.budget_us).map_err(err)?;
         let d = PolicyConfig::default();
+        let rule = self.policy.unwrap_or(d.rule);
         let cfg = PolicyConfig {
             mode,
             budget_us,
+            rule,
             alpha: self.alpha.unwrap_or(d.alpha),
-            update_ms: self.update_ms.unwrap_or(d.update_ms),
+            update_ms: self.update_ms.unwrap_or(rule.default_update_ms()),
             rate_floor_pps: self.rate_floor_pps.unwrap_or(d.rate_floor_pps),
+            period_frames: self.period_frames.unwrap_or(d.period_frames),
             ..d
         };
         cfg.validate().map_err(err)?;
         Ok(cfg)
+    }
+
+    /// Who may use the VM's vhost-user socket.
+    pub fn access(&self) -> Result<Access, ConfigError> {
+        let group = match &self.socket_group {
+            None => None,
+            Some(g) => Some(group_id(g).ok_or_else(|| ConfigError::UnknownGroup {
+                vm: self.name.clone(),
+                group: g.clone(),
+            })?),
+        };
+        Ok(Access {
+            mode: self.socket_mode.map_or(DEFAULT_MODE, |m| m.0),
+            group,
+        })
     }
 
     /// Checks one VM's fields.
@@ -263,6 +314,7 @@ impl VmConfig {
             vm: self.name.clone(),
             source,
         })?;
+        self.access()?;
         self.policy().map(|_| ())
     }
 }
@@ -355,7 +407,22 @@ mod tests {
         assert_eq!((p.budget_us, p.alpha, p.update_ms), (250, 0.5, 100));
         let d = vm("d").policy().unwrap();
         assert_eq!(d.mode, crate::policy::ModeKind::Adaptive);
+        assert_eq!((d.rule, d.update_ms), (EwmaRule::Fast, 100));
+        // The paper's rule brings its own interval unless one is given.
+        let paper = FileConfig::parse(
+            "[[vm]]\nname='a'\nsocket='/tmp/a'\ntap='ta'\npolicy='paper'\nperiod_frames=0.5\n",
+            Path::new("x.toml"),
+        )
+        .unwrap()[0]
+            .policy()
+            .unwrap();
+        assert_eq!(
+            (paper.rule, paper.update_ms, paper.period_frames),
+            (EwmaRule::Paper, 5000, 0.5)
+        );
         for (bad, want) in [
+            ("policy='slow'", "unknown variant"),
+            ("period_frames=100.0", "period frames"),
             ("mode='turbo'", "unknown mode"),
             ("mode='adaptive:1000'\nbudget_us=500", "give one of them"),
             ("alpha=1.5", "alpha"),

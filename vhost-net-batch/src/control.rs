@@ -12,6 +12,19 @@ use crate::policy::{GuestPrefs, Policy};
 /// Control frames acted on per second per VM.
 pub const CONTROL_RATE: u32 = 20;
 
+/// Fault injection for tests: with `VNB_INJECT_PANIC=control` in the daemon's environment, a
+/// control frame whose magic reads `VNBP` (instead of `VNB1`) panics the queue worker that
+/// handles it, so tests can show that a panic ends only that VM's connection.
+pub const INJECT_PANIC_ENV: &str = "VNB_INJECT_PANIC";
+
+fn inject_panic(payload: &[u8]) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var(INJECT_PANIC_ENV).is_ok_and(|v| v == "control"));
+    if on && payload.get(..4) == Some(b"VNBP") {
+        panic!("{INJECT_PANIC_ENV}=control: a VNBP control frame");
+    }
+}
+
 /// A token bucket: `rate` tokens per second, at most `rate` stored.
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
@@ -183,6 +196,7 @@ impl ControlPlane {
             return (Outcome::Dropped, None);
         }
         let payload = &frame[frame.len().min(ETH_HDR_LEN)..];
+        inject_panic(payload);
         let seq = payload
             .get(6..8)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))

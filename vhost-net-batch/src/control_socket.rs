@@ -4,7 +4,6 @@
 //! defined here.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +13,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::access::{peer_cred, Access};
 use crate::control::ControlCounts;
-use crate::metrics::QueueSnapshot;
+use crate::metrics::{QueueSnapshot, VmCounters};
 use crate::policy::{resolve_budget, ModeKind, ModeSpec, PolicyError, PolicyView};
 use crate::server::VmSlot;
 
@@ -97,6 +97,8 @@ pub struct StatsReply {
     pub energy_kind: Option<String>,
     /// Frontend connections accepted.
     pub connections: u64,
+    /// VM-wide counters (connections, refused peers, panics, memory faults).
+    pub vm_counters: VmCounters,
     /// Counters summed over queue pairs.
     pub total: QueueSnapshot,
     /// Counters per queue pair.
@@ -201,6 +203,7 @@ impl Vms {
             energy_uj: b.energy_uj(),
             energy_kind: b.energy_kind(),
             connections: m.connections.load(std::sync::atomic::Ordering::Relaxed),
+            vm_counters: m.vm_counters(),
             total: m.total(),
             queues: m.queues.iter().map(|q| q.snapshot()).collect(),
         }
@@ -277,9 +280,8 @@ pub fn serve_control(path: &Path, vms: Vms) -> Result<(), ControlError> {
         path: path.into(),
         source,
     };
-    let listener = crate::server::bind_socket("control", path)
+    let listener = crate::server::bind_socket("control", path, &Access::default())
         .map_err(|e| listen(io::Error::new(io::ErrorKind::AddrInUse, e.to_string())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || accept_loop(listener, vms))
@@ -291,6 +293,16 @@ fn accept_loop(listener: UnixListener, vms: Vms) {
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
+                match peer_cred(&s) {
+                    Ok(peer) if Access::default().allows(&peer) => {}
+                    peer => {
+                        tracing::warn!(
+                            ?peer,
+                            "refused a control client: not root, not the daemon's user"
+                        );
+                        continue;
+                    }
+                }
                 let vms = vms.clone();
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())

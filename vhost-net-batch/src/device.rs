@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -14,14 +14,19 @@ use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::batching::VmBatching;
 use crate::datapath::HdrLayout;
+use crate::memguard::Regions;
 use crate::metrics::VmMetrics;
 use crate::tap::Tap;
 use crate::worker::{Ctx, Worker};
@@ -88,6 +93,12 @@ pub struct NetDevice {
     acked: Mutex<(u64, HdrLayout)>,
     exit_fds: Mutex<Vec<RawFd>>,
     thread_hook: Mutex<Option<ThreadHook>>,
+    /// The guest memory regions guarded against a frontend taking them away.
+    regions: Mutex<Regions>,
+    /// Written when the connection must end (a panic, a memory fault).
+    stop: EventFd,
+    /// Set once the connection is being ended.
+    stopping: AtomicBool,
 }
 
 impl NetDevice {
@@ -114,6 +125,9 @@ impl NetDevice {
             acked: Mutex::new((0, HdrLayout::default())),
             exit_fds: Mutex::new(Vec::new()),
             thread_hook: Mutex::new(None),
+            regions: Mutex::new(Regions::default()),
+            stop: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -201,8 +215,24 @@ impl VhostUserBackend for NetDevice {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
-    fn update_memory(&self, _mem: GuestMem) -> io::Result<()> {
-        // The handler updates the shared GuestMemoryAtomic we hold; nothing to do.
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        // The handler updated the GuestMemoryAtomic we share. Guard the new regions against a
+        // frontend that takes their pages away (memguard), and keep their files from child
+        // processes: the crate received them without close-on-exec.
+        let m = mem.memory();
+        let mut ranges = Vec::new();
+        for r in m.iter() {
+            if let Some(f) = r.file_offset() {
+                // SAFETY: F_SETFD on a descriptor the region owns and keeps open.
+                unsafe { libc::fcntl(f.file().as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+            if let Ok(p) = r.get_host_address(MemoryRegionAddress(0)) {
+                ranges.push((p as usize, r.len() as usize));
+            }
+        }
+        if !lock(&self.regions).set(ranges) {
+            tracing::warn!(vm = %self.vm, "too many guest memory regions in the process to guard them all");
+        }
         Ok(())
     }
 
@@ -239,25 +269,54 @@ impl VhostUserBackend for NetDevice {
         let Some(worker) = self.workers.get(thread_id) else {
             return Ok(());
         };
-        let mut w = lock(worker);
-        if w.first_event() {
-            if let Some(h) = lock(&self.thread_hook).clone() {
-                // SAFETY: gettid has no preconditions.
-                h(unsafe { libc::gettid() } as u32);
-            }
+        if self.stopping.load(Relaxed) {
+            // The connection is being ended: touch nothing of the guest's any more.
+            return Ok(());
         }
-        let (features, hdr) = *lock(&self.acked);
-        let ctx = Ctx {
-            vm: &self.vm,
-            mem: &self.mem,
-            features,
-            hdr,
-            metrics: &self.metrics,
-            stats: &self.metrics.queues[thread_id],
-            batching: &self.batching,
-        };
-        w.on_event(&ctx, vrings, device_event, evset, self.num_queues());
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut w = lock(worker);
+            if w.first_event() {
+                if let Some(h) = lock(&self.thread_hook).clone() {
+                    // SAFETY: gettid has no preconditions.
+                    h(unsafe { libc::gettid() } as u32);
+                }
+            }
+            let (features, hdr) = *lock(&self.acked);
+            let ctx = Ctx {
+                vm: &self.vm,
+                mem: &self.mem,
+                features,
+                hdr,
+                metrics: &self.metrics,
+                stats: &self.metrics.queues[thread_id],
+                batching: &self.batching,
+            };
+            w.on_event(&ctx, vrings, device_event, evset, self.num_queues());
+        }));
+        if run.is_err() {
+            self.metrics.panics.fetch_add(1, Relaxed);
+            self.end_connection("a queue worker panicked");
+        } else if lock(&self.regions).faulted() {
+            self.metrics.memory_faults.fetch_add(1, Relaxed);
+            self.end_connection("the frontend's guest memory went away (its file shrank)");
+        }
         Ok(())
+    }
+}
+
+impl NetDevice {
+    /// Ends this device's connection (once): the relay sees `stop_fd` and closes both sides;
+    /// the VM's slot goes back to listening.
+    fn end_connection(&self, why: &str) {
+        if !self.stopping.swap(true, Relaxed) {
+            tracing::error!(vm = %self.vm, why, "ending the frontend connection");
+            let _ = self.stop.write(1);
+        }
+    }
+
+    /// Becomes readable when the device wants its connection ended.
+    pub fn stop_fd(&self) -> &EventFd {
+        &self.stop
     }
 }
 

@@ -10,18 +10,22 @@
 //! - [`datapath`]: moving frames between virtqueues and the tap (mechanism, no policy);
 //! - [`worker`]: one queue pair's worker: its steps, timers and events;
 //! - [`device`]: the virtio-net device model served to one frontend connection;
+//! - [`memguard`]: guest memory a frontend takes away ends its connection, not the process;
 //! - [`shim`]: the message-level shim that makes stock QEMU's connect sequence acceptable;
 //! - [`server`]: per-VM sockets, connections and reconnects;
 //! - [`tap`], [`timer`]: the tap device and the workers' `timerfd`s;
 //! - [`metrics`]: counters per VM and queue pair;
-//! - [`control_socket`], [`prometheus`]: the operator interfaces.
+//! - [`control_socket`], [`prometheus`]: the operator interfaces;
+//! - [`access`]: socket modes, groups and the peer check of every connection.
 
+pub mod access;
 pub mod batching;
 pub mod config;
 pub mod control;
 pub mod control_socket;
 pub mod datapath;
 pub mod device;
+pub mod memguard;
 pub mod metrics;
 pub mod policy;
 pub mod prometheus;

@@ -196,6 +196,47 @@ pub struct VmMetrics {
     pub queues: Vec<QueueStats>,
     /// Frontend connections accepted.
     pub connections: AtomicU64,
+    /// Connections refused by the peer check (not root, not the daemon's user, not in the
+    /// socket's group).
+    pub refused_peers: AtomicU64,
+    /// Connections ended because code serving the VM panicked (the slot goes on serving).
+    pub panics: AtomicU64,
+    /// Connections ended because the frontend's guest memory went away under the backend
+    /// (a memfd truncated after SET_MEM_TABLE: SIGBUS caught).
+    pub memory_faults: AtomicU64,
+}
+
+/// VM-wide counters, for reports.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmCounters {
+    /// Frontend connections accepted.
+    pub connections: u64,
+    /// Connections refused by the peer check.
+    pub refused_peers: u64,
+    /// Connections ended by a panic.
+    pub panics: u64,
+    /// Connections ended by a guest memory fault.
+    pub memory_faults: u64,
+}
+
+impl VmCounters {
+    /// `(name, value, help)` of every counter, for exporters.
+    pub fn counters(&self) -> [(&'static str, u64, &'static str); 4] {
+        [
+            ("connections", self.connections, "Frontend connections accepted"),
+            (
+                "refused_peers",
+                self.refused_peers,
+                "Connections refused by the peer check (not root, not the daemon's user, not in the socket's group)",
+            ),
+            ("panics", self.panics, "Connections ended because code serving the VM panicked"),
+            (
+                "memory_faults",
+                self.memory_faults,
+                "Connections ended because the frontend's guest memory went away (SIGBUS caught)",
+            ),
+        ]
+    }
 }
 
 impl VmMetrics {
@@ -204,6 +245,19 @@ impl VmMetrics {
         VmMetrics {
             queues: (0..queue_pairs).map(|_| QueueStats::default()).collect(),
             connections: AtomicU64::new(0),
+            refused_peers: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            memory_faults: AtomicU64::new(0),
+        }
+    }
+
+    /// The VM-wide counters.
+    pub fn vm_counters(&self) -> VmCounters {
+        VmCounters {
+            connections: self.connections.load(Relaxed),
+            refused_peers: self.refused_peers.load(Relaxed),
+            panics: self.panics.load(Relaxed),
+            memory_faults: self.memory_faults.load(Relaxed),
         }
     }
 

@@ -191,6 +191,20 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstCounter::new(f(c)).encode(m.encode_family(&l)?)?;
             }
         }
+        let vm_counters: Vec<_> = vms
+            .iter()
+            .map(|s| (s.config().name.clone(), s.metrics().vm_counters()))
+            .collect();
+        if let Some((_, first)) = vm_counters.first() {
+            for (i, (name, _, help)) in first.counters().into_iter().enumerate() {
+                let full = format!("vnb_{name}");
+                let mut m = enc.encode_descriptor(&full, help, None, MetricType::Counter)?;
+                for (vm, c) in &vm_counters {
+                    let l = [("vm", vm.as_str())];
+                    ConstCounter::new(c.counters()[i].1).encode(m.encode_family(&l)?)?;
+                }
+            }
+        }
         {
             // The fourth safety valve: rate windows below the packet-rate floor (no delay).
             let mut m = enc.encode_descriptor(

@@ -3,7 +3,6 @@
 //! failure in one VM's connection is logged and never touches another VM.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -14,6 +13,7 @@ use thiserror::Error;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::access::{self, Access};
 use crate::batching::VmBatching;
 use crate::config::{ConfigError, VmConfig};
 use crate::device::NetDevice;
@@ -81,24 +81,12 @@ pub enum ConnError {
 
 /// The pid of the process on the other end of a Unix socket.
 fn peer_pid(s: &UnixStream) -> Option<u32> {
-    // SAFETY: ucred is plain integers; all-zero is a valid value.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes a ucred of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    access::peer_cred(s).ok().map(|c| c.pid).filter(|p| *p > 0)
 }
 
-/// Binds `path` for listening, replacing a stale socket but never a live one or a non-socket.
-pub fn bind_socket(vm: &str, path: &Path) -> Result<UnixListener, ServeError> {
+/// Binds `path` for listening with `access`, replacing a stale socket but never a live one or
+/// a non-socket.
+pub fn bind_socket(vm: &str, path: &Path, access: &Access) -> Result<UnixListener, ServeError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ServeError::NotASocket {
@@ -114,7 +102,7 @@ pub fn bind_socket(vm: &str, path: &Path) -> Result<UnixListener, ServeError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| ServeError::Bind {
+    access.bind(path).map_err(|source| ServeError::Bind {
         vm: vm.into(),
         path: path.into(),
         source,
@@ -149,6 +137,7 @@ pub struct VmSlot {
     cfg: VmConfig,
     tap: Arc<Tap>,
     listener: UnixListener,
+    access: Access,
     metrics: Arc<VmMetrics>,
     batching: Arc<VmBatching>,
     energy: Option<power::vm::VmEnergyHandle>,
@@ -159,11 +148,12 @@ impl VmSlot {
     /// Opens the tap and binds the socket (socket last, so its presence means ready).
     pub fn open(cfg: VmConfig) -> Result<Self, ServeError> {
         let policy = cfg.policy()?;
+        let access = cfg.access()?;
         let tap = Tap::open(&cfg.tap, cfg.queues).map_err(|source| ServeError::Tap {
             vm: cfg.name.clone(),
             source,
         })?;
-        let listener = bind_socket(&cfg.name, &cfg.socket)?;
+        let listener = bind_socket(&cfg.name, &cfg.socket, &access)?;
         let metrics = Arc::new(VmMetrics::new(cfg.queues as usize));
         let batching = Arc::new(VmBatching::new(policy, crate::timer::now_ns(), &metrics));
         tracing::info!(
@@ -174,6 +164,7 @@ impl VmSlot {
             cfg,
             tap: Arc::new(tap),
             listener,
+            access,
             metrics,
             batching,
             energy: None,
@@ -223,15 +214,26 @@ impl VmSlot {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if !self.admitted(&stream) {
+                        continue;
+                    }
                     self.metrics.connections.fetch_add(1, Relaxed);
                     self.charge_energy_to(&stream);
                     tracing::info!(vm = %self.cfg.name, "frontend connected");
-                    match self.serve_connection(stream) {
-                        Ok(()) => {
+                    // A panic while serving one connection ends that connection, never the slot.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.serve_connection(stream)
+                    }));
+                    match served {
+                        Ok(Ok(())) => {
                             tracing::info!(vm = %self.cfg.name, "frontend disconnected; listening again")
                         }
-                        Err(e) => {
+                        Ok(Err(e)) => {
                             tracing::warn!(vm = %self.cfg.name, %e, "frontend connection ended with an error; listening again")
+                        }
+                        Err(_) => {
+                            self.metrics.panics.fetch_add(1, Relaxed);
+                            tracing::error!(vm = %self.cfg.name, "serving the frontend panicked; listening again");
                         }
                     }
                     let t = self.metrics.total();
@@ -242,6 +244,19 @@ impl VmSlot {
                     tracing::error!(vm = %self.cfg.name, %e, "accept failed; retrying in 1 s");
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
+            }
+        }
+    }
+
+    /// Whether the peer may use the VM's socket ([`Access::allows`]); a refused one is counted
+    /// and its connection closed.
+    fn admitted(&self, stream: &UnixStream) -> bool {
+        match access::peer_cred(stream) {
+            Ok(peer) if self.access.allows(&peer) => true,
+            peer => {
+                self.metrics.refused_peers.fetch_add(1, Relaxed);
+                tracing::warn!(vm = %self.cfg.name, ?peer, "refused a frontend: not root, not the daemon's user, not in the socket's group");
+                false
             }
         }
     }
@@ -305,7 +320,7 @@ impl VmSlot {
         // Tap queues follow the guest's enabled queue pairs (ring 2i is pair i's RX ring).
         let tap = &self.tap;
         let vm = &self.cfg.name;
-        let relayed = shim::relay(frontend, &backend_side, &mut |msg| {
+        let relayed = shim::relay(frontend, &backend_side, device.stop_fd(), &mut |msg| {
             if let Some((ring, enabled)) = shim::vring_enable(msg) {
                 if ring % 2 == 0 {
                     if let Err(e) = tap.set_queue_enabled((ring / 2) as usize, enabled) {

@@ -63,6 +63,9 @@ pub enum ShimError {
     /// A message came with more descriptors than a message may carry.
     #[error("vhost-user message carried more than {MAX_FDS} descriptors")]
     TooManyFds,
+    /// The device ended the connection (a panic or a guest memory fault; logged and counted).
+    #[error("the device ended the connection")]
+    Stopped,
     /// More early `SET_VRING_ENABLE` messages than [`MAX_DEFERRED`] before `SET_FEATURES`.
     #[error("more than {MAX_DEFERRED} SET_VRING_ENABLE messages before SET_FEATURES")]
     TooManyDeferred,
@@ -282,7 +285,8 @@ pub fn vring_enable(msg: &Message) -> Option<(u32, bool)> {
     Some((v as u32, (v >> 32) as u32 != 0))
 }
 
-/// Relays messages between `frontend` and `backend` until either side closes, calling `seen`
+/// Relays messages between `frontend` and `backend` until either side closes or `stop`
+/// becomes readable, calling `seen`
 /// with every frontend message right after it went to the backend (deferred ones when they are
 /// replayed), so the caller can follow ring state.
 ///
@@ -290,6 +294,7 @@ pub fn vring_enable(msg: &Message) -> Option<(u32, bool)> {
 pub fn relay(
     frontend: &UnixStream,
     backend: &UnixStream,
+    stop: &impl AsRawFd,
     seen: &mut dyn FnMut(&Message),
 ) -> Result<(), ShimError> {
     let mut state = ShimState::default();
@@ -306,15 +311,23 @@ pub fn relay(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: `pfd` is a valid array of two pollfd.
-        let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+        // SAFETY: `pfd` is a valid array of three pollfd.
+        let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 3, -1) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e.into());
+        }
+        if pfd[2].revents != 0 {
+            return Err(ShimError::Stopped);
         }
         // Backend replies first, so they reach the frontend in order.
         if pfd[1].revents != 0 {

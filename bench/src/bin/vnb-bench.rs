@@ -48,7 +48,7 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip)]
     plan: Option<PathBuf>,
-    /// Workloads: iperf-tx, iperf-rx, http, tbench, rr.
+    /// Workloads: iperf-tx, iperf-rx, http, tbench, rr, rr-load, mix (default all).
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     workloads: Vec<String>,
@@ -76,6 +76,15 @@ struct RunArgs {
     /// Power source for watts and joules (default auto: RAPL if present, else the estimate).
     #[arg(long)]
     power_source: Option<String>,
+    /// Seconds per phase of the `mix` workload (default 10); it runs at least two cycles of
+    /// its three phases, more when --duration asks for more.
+    #[arg(long)]
+    mix_phase_s: Option<u32>,
+    /// Skip the idle baseline each guest measures before its workloads (for focused studies;
+    /// a recorded campaign keeps it).
+    #[arg(long)]
+    #[serde(default)]
+    skip_idle: bool,
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +166,8 @@ fn run_cmd(mut a: RunArgs) -> Result<()> {
         a.duration = a.duration.or(plan.duration);
         a.out = a.out.or(plan.out);
         a.power_source = a.power_source.or(plan.power_source);
+        a.mix_phase_s = a.mix_phase_s.or(plan.mix_phase_s);
+        a.skip_idle |= plan.skip_idle;
     }
     let workloads: Vec<Workload> = if a.workloads.is_empty() {
         Workload::ALL.to_vec()
@@ -199,9 +210,9 @@ fn run_cmd(mut a: RunArgs) -> Result<()> {
     }
     let reps = a.reps.unwrap_or(3);
     let duration = a.duration.unwrap_or(10);
-    if reps == 0 || duration == 0 {
+    if reps == 0 || duration == 0 || a.mix_phase_s == Some(0) {
         return Err(BenchError::Input(
-            "--reps and --duration must be at least 1".into(),
+            "--reps, --duration and --mix-phase-s must be at least 1".into(),
         ));
     }
     let out = a
@@ -238,6 +249,8 @@ fn run_cmd(mut a: RunArgs) -> Result<()> {
             )
         },
         scratch: scratch.clone(),
+        mix_phase_s: a.mix_phase_s.unwrap_or(10),
+        idle: !a.skip_idle,
     };
     let result = run(&opts, &stop);
     let _ = std::fs::remove_dir_all(&scratch);

@@ -33,11 +33,27 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Run a command with piped output; kill it (by its own pid) if it takes longer than `timeout`.
+/// Run a command with piped output, in a process group of its own, inheriting no descriptor
+/// beyond its standard ones; if it takes longer than `timeout`, kill the whole group (a shell
+/// and whatever it started).
+///
+/// The daemon holds guests' memory and eventfds: descriptors it did not open itself arrive
+/// without close-on-exec (the `vhost` crate receives them), so the child closes everything from
+/// 3 up before it runs.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
+    use std::os::unix::process::CommandExt;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: close_range is async-signal-safe and touches only the child's descriptor table;
+    // 0, 1 and 2 (the pipes set up above) stay open.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close_range(3, libc::c_uint::MAX, 0);
+            Ok(())
+        })
+    };
     let child = cmd.spawn()?;
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
@@ -47,10 +63,10 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> io::Result<Outpu
     match rx.recv_timeout(timeout) {
         Ok(out) => out,
         Err(_) => {
-            // SAFETY: kill(2) on the pid of the child this function spawned and has not reaped yet
-            // (the waiting thread still owns it).
+            // SAFETY: kill(2) on the process group of the child this function spawned (its pid is
+            // the group's id; the child is not reaped yet, the waiting thread owns it).
             unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
             }
             let _ = rx.recv_timeout(Duration::from_secs(1));
             Err(io::Error::new(
@@ -58,5 +74,74 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> io::Result<Outpu
                 format!("no answer within {} s (killed)", timeout.as_secs()),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn alive(pid: i32) -> bool {
+        // A zombie still has /proc/PID: read its state.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn a_hung_command_is_killed_with_everything_it_started() {
+        let dir = std::env::temp_dir().join(format!("vnb-wall-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("grandchild");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "sleep 300 & echo $! > {}; sleep 300",
+            pidfile.display()
+        ));
+        let t = Instant::now();
+        let e = run_with_timeout(cmd, Duration::from_millis(500)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(2);
+        while alive(pid) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !alive(pid),
+            "the command's own child {pid} outlived the timeout"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn commands_inherit_no_descriptor_beyond_stdio() {
+        // A descriptor without close-on-exec, as the vhost crate leaves a guest's memfd.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: dup2 onto an unused high number; the copy is closed below.
+        let high = unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&f), 900) };
+        assert_eq!(high, 900);
+        let mut cmd = Command::new("ls");
+        cmd.arg("/proc/self/fd");
+        let out = run_with_timeout(cmd, Duration::from_secs(10)).unwrap();
+        // SAFETY: closing the copy made above.
+        unsafe { libc::close(900) };
+        let fds: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        assert!(!fds.contains(&"900".to_string()), "inherited: {fds:?}");
+        assert!(fds.contains(&"0".to_string()), "{fds:?}");
     }
 }

@@ -110,18 +110,25 @@ pub fn start_slot_cfg(cfg: VmConfig) -> Arc<VmSlot> {
 
 /// Guest memory backed by a memfd, as QEMU's memory-backend-memfd.
 pub fn guest_memory() -> GuestMemoryMmap<()> {
+    guest_memory_with_file().1
+}
+
+/// As [`guest_memory`], with a handle on the memfd (a test can shrink it under the backend).
+pub fn guest_memory_with_file() -> (File, GuestMemoryMmap<()>) {
     // SAFETY: memfd_create with a static NUL-terminated name.
     let fd = unsafe { libc::memfd_create(c"vnb-guest".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: we own the new fd.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(MEM_SIZE as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(
+    let handle = file.try_clone().unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         MEM_SIZE,
         Some(FileOffset::new(file, 0)),
     )])
-    .unwrap()
+    .unwrap();
+    (handle, mem)
 }
 
 /// A split-ring descriptor.
@@ -236,6 +243,14 @@ impl<'a> Guest<'a> {
             kick,
             call,
         }
+    }
+
+    /// A second handle on the frontend's socket (to see the backend close it).
+    pub fn fe_socket(&self) -> std::os::unix::net::UnixStream {
+        // SAFETY: the frontend's descriptor is valid while `self` lives; it is duplicated, so
+        // the returned stream owns its own copy.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fe.as_raw_fd()) };
+        std::os::unix::net::UnixStream::from(fd.try_clone_to_owned().unwrap())
     }
 
     /// Used ring entries (id, len) of queue `q` (0 RX, 1 TX).
@@ -485,6 +500,14 @@ impl ScriptNetns {
         let name = format!("vnb{tag}{}", std::process::id() % 10000);
         run_ok(Command::new(repo().join("ci/netns.sh")).args(["create", &name]));
         ScriptNetns { name }
+    }
+
+    /// Moves the calling thread into the namespace (to open packet sockets on its taps).
+    pub fn enter(&self) {
+        let f = File::open(format!("/var/run/netns/{}", self.name)).unwrap();
+        // SAFETY: setns on a valid netns fd affects only the calling thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
     }
 
     /// `ip netns exec NS args...`

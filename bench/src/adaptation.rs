@@ -1,0 +1,161 @@
+//! How the policy followed the traffic in a `mix` run: per phase, the share of packets the
+//! guest really sent (from the backend's counters), where `p*` stood when the phase began, and
+//! how long `p*` took to cover 90 % of the way to that share.
+
+use serde::Serialize;
+
+use crate::model::RunResult;
+
+/// Phases whose traffic share lies closer than this to `p*` at their start ask nothing of the
+/// policy: no rise time is reported for them.
+pub const MIN_STEP: f64 = 0.1;
+
+/// The policy in one phase.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseFit {
+    /// The phase's name.
+    pub name: String,
+    /// When it began, seconds into the run.
+    pub start_s: f64,
+    /// Packets the guest sent over packets it sent and received, during the phase.
+    pub share: f64,
+    /// `p*` at the phase's start.
+    pub p_start: f64,
+    /// When the phase's traffic was flowing: the first sample at half the phase's median packet
+    /// rate, seconds into the run (tools take a moment to start, TCP to open its window).
+    pub flowing_s: f64,
+    /// Seconds from `flowing_s` until `p*` covered 90 % of the way from `p_start` to `share`;
+    /// `None` when it did not within the phase, or when there was no way to go (see
+    /// [`MIN_STEP`]).
+    pub rise_s: Option<f64>,
+    /// Whether the phase asked the policy to move (the share lies `MIN_STEP` or more away).
+    pub step: bool,
+    /// Mean distance between `p*` and `share` over the phase.
+    pub mean_error: f64,
+}
+
+/// The policy's fit to each phase of a run (empty without phases or samples).
+pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
+    let s = &r.series;
+    let mut out = Vec::new();
+    for (i, ph) in r.phases.iter().enumerate() {
+        let end = r.phases.get(i + 1).map_or(f64::INFINITY, |n| n.t_s);
+        let inside: Vec<_> = s
+            .iter()
+            .filter(|p| p.t_s > ph.t_s && p.t_s <= end)
+            .collect();
+        let (Some(first), false) = (inside.first(), inside.is_empty()) else {
+            continue;
+        };
+        let (tx, rx) = inside
+            .iter()
+            .fold((0.0, 0.0), |(t, r), p| (t + p.tx_pps, r + p.rx_pps));
+        if tx + rx <= 0.0 {
+            continue;
+        }
+        let share = tx / (tx + rx);
+        // p* at the start: the last sample before the phase, else its first.
+        let p_start = s
+            .iter()
+            .rev()
+            .find(|p| p.t_s <= ph.t_s)
+            .unwrap_or(first)
+            .send_ratio;
+        let mut rates: Vec<f64> = inside.iter().map(|p| p.tx_pps + p.rx_pps).collect();
+        rates.sort_by(f64::total_cmp);
+        let half = rates[rates.len() / 2] / 2.0;
+        let flowing_s = inside
+            .iter()
+            .find(|p| p.tx_pps + p.rx_pps >= half)
+            .map_or(ph.t_s, |p| p.t_s);
+        let gap = share - p_start;
+        let step = gap.abs() >= MIN_STEP;
+        let rise_s = step
+            .then(|| {
+                inside
+                    .iter()
+                    .find(|p| (p.send_ratio - p_start) / gap >= 0.9)
+                    .map(|p| (p.t_s - flowing_s).max(0.0))
+            })
+            .flatten();
+        let mean_error = inside
+            .iter()
+            .map(|p| (p.send_ratio - share).abs())
+            .sum::<f64>()
+            / inside.len() as f64;
+        out.push(PhaseFit {
+            name: ph.name.clone(),
+            start_s: ph.t_s,
+            flowing_s,
+            share,
+            p_start,
+            rise_s,
+            step,
+            mean_error,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PhaseMark, SeriesPoint};
+
+    fn point(t_s: f64, send_ratio: f64, tx_pps: f64, rx_pps: f64) -> SeriesPoint {
+        SeriesPoint {
+            t_s,
+            send_ratio,
+            tx_pps,
+            rx_pps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rise_time_and_share_per_phase() {
+        // p* stands at 0.5 when the run begins.
+        let mut series = vec![point(0.0, 0.5, 0.0, 0.0)];
+        // Phase 1 (0-2 s): the guest sends 3 of 4 packets; p* climbs from 0.5 by steps.
+        let mut p: f64 = 0.5;
+        for k in 1..=20 {
+            p = 0.75 * p + 0.25 * 0.75;
+            series.push(point(k as f64 * 0.1, p, 300.0, 100.0));
+        }
+        // Phase 2 (2-4 s): same share, nothing to do.
+        for k in 21..=40 {
+            series.push(point(k as f64 * 0.1, p, 300.0, 100.0));
+        }
+        // Phase 3 (4-6 s): all receive after a slow start; p* does not move at all (a rule
+        // too slow).
+        for k in 41..=60 {
+            let rx = if k < 45 { 10.0 } else { 500.0 };
+            series.push(point(k as f64 * 0.1, p, 0.0, rx));
+        }
+        let r = RunResult {
+            series,
+            phases: ["send", "again", "receive"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| PhaseMark {
+                    t_s: 2.0 * i as f64,
+                    name: n.to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let f = fit(&r);
+        assert_eq!(f.len(), 3);
+        assert!((f[0].share - 0.75).abs() < 1e-9);
+        assert_eq!(f[0].p_start, 0.5);
+        // 0.25 · 0.75^k ≤ 0.025 from k = 9 (0.9 s), counted from the first sample with
+        // traffic (0.1 s).
+        assert!((f[0].flowing_s - 0.1).abs() < 1e-9);
+        assert!((f[0].rise_s.unwrap() - 0.8).abs() < 1e-9, "{:?}", f[0]);
+        assert!(!f[1].step && f[1].rise_s.is_none());
+        assert!(f[2].step && f[2].rise_s.is_none());
+        assert!((f[2].flowing_s - 4.5).abs() < 1e-9, "{:?}", f[2]);
+        assert!(f[2].mean_error > 0.7);
+        assert!(fit(&RunResult::default()).is_empty());
+    }
+}

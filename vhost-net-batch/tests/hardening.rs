@@ -1,0 +1,454 @@
+//! What one guest, a compromised frontend or a local user can do must stay with that VM: each
+//! test here fails on a backend without the protection it names.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::*;
+use control_msg::{parse_frame, Message, Op, DEVICE_MAC, MAX_FRAME_LEN};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost_net_batch::config::VmConfig;
+use vhost_net_batch::control_socket::StatsReply;
+
+const T: Duration = Duration::from_secs(5);
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-net-batch");
+
+/// Starts the backend binary in `ns` with `args` and `env`; waits for `socks`.
+fn spawn(
+    ns: &ScriptNetns,
+    args: &[&str],
+    env: &[(&str, &str)],
+    socks: &[&Path],
+    log: &Path,
+) -> Proc {
+    for s in socks {
+        let _ = std::fs::remove_file(s);
+    }
+    let mut c = ns.cmd(&[BIN, "serve"]);
+    c.args(args).args(["--log", "info"]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let p = Proc(
+        c.stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while !socks.iter().all(|s| s.exists()) {
+        assert!(
+            Instant::now() < end,
+            "backend did not start: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+fn stats(ctl: &Path, vm: &str) -> StatsReply {
+    vhost_net_batch::control_socket::stats(ctl, vm).unwrap()
+}
+
+/// Waits until `cond` holds or `T` passes; returns whether it held.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + T;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Whether the daemon closed the frontend's connection (a read sees EOF or an error).
+fn closed_by_peer(s: &UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    matches!(std::io::Read::read(&mut &*s, &mut b), Ok(0))
+        || matches!(
+            std::io::Read::read(&mut &*s, &mut b),
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        )
+}
+
+/// A frame from the guest to the device: a control GET, or (`magic`) one with another magic.
+fn control_frame(seq: u16, magic: Option<&[u8; 4]>) -> Vec<u8> {
+    let mut out = [0u8; MAX_FRAME_LEN];
+    let n = Message::get(seq).encode_frame(DEVICE_MAC, [0x52, 0x54, 0, 0xaa, 0xbb, 0x01], &mut out);
+    if let Some(m) = magic {
+        out[14..18].copy_from_slice(m);
+    }
+    out[..n].to_vec()
+}
+
+/// The control replies the guest found in its RX ring.
+fn replies(g: &Guest) -> Vec<Message> {
+    g.used(0)
+        .into_iter()
+        .filter_map(|(id, len)| {
+            let b = g.rx_buf(id as u16, len as usize);
+            parse_frame(&b[12..]).ok().map(|(_, m)| m)
+        })
+        .collect()
+}
+
+#[test]
+fn sockets_have_their_mode_and_strangers_are_refused() {
+    let ns = ScriptNetns::create("hs");
+    let dir = tempdir();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (a, b, ctl) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("ctl.sock"));
+    let _pa = spawn(
+        &ns,
+        &[
+            "--vm",
+            "a",
+            "--socket",
+            a.to_str().unwrap(),
+            "--tap",
+            "vnbhsa",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &[],
+        &[&a, &ctl],
+        &dir.join("a.log"),
+    );
+    let _pb = spawn(
+        &ns,
+        &[
+            "--vm",
+            "b",
+            "--socket",
+            b.to_str().unwrap(),
+            "--tap",
+            "vnbhsb",
+            "--socket-mode",
+            "0666",
+            "--socket-group",
+            "nogroup",
+        ],
+        &[],
+        &[&b],
+        &dir.join("b.log"),
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&a), 0o600, "vhost-user socket by default");
+    assert_eq!(mode(&ctl), 0o600, "control socket");
+    assert_eq!(mode(&b), 0o666);
+    // A user who may reach the socket (mode 0666) but is neither root, the daemon's user nor
+    // in its group: turned away before any message is answered.
+    let probe = |sock: &Path, uid: u32, gid: u32| {
+        Command::new("python3")
+            .args([
+                "-c",
+                "import socket,struct,sys\n\
+                 s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5)\n\
+                 try:\n s.sendall(struct.pack('<III',1,1,0)); r=s.recv(64)\n\
+                 except OSError: r=b''\n\
+                 print('answered' if r else 'closed')",
+            ])
+            .arg(sock)
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap()
+    };
+    use std::os::unix::process::CommandExt;
+    let said = |o: std::process::Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(said(probe(&b, 4242, 4242)), "closed");
+    // Root, and a member of the socket's group, are answered.
+    assert_eq!(said(probe(&b, 0, 0)), "answered");
+    let nogroup = vhost_net_batch::access::group_id("nogroup").unwrap();
+    assert_eq!(said(probe(&b, 4242, nogroup)), "answered");
+    // On the default 0600 socket the stranger cannot even connect.
+    assert!(!probe(&a, 4242, 4242).status.success());
+    let log = std::fs::read_to_string(dir.join("b.log")).unwrap();
+    assert!(log.contains("refused a frontend"), "{log}");
+    // The refusal is counted (a was never refused anything: its connect failed earlier).
+    assert_eq!(stats(&ctl, "a").vm_counters.refused_peers, 0);
+}
+
+#[test]
+fn a_panicking_worker_ends_only_its_vms_connection() {
+    let ns = ScriptNetns::create("hp");
+    let dir = tempdir();
+    let (a, b, ctl) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("ctl.sock"));
+    let cfg = dir.join("vms.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[vm]]\nname='a'\nsocket='{}'\ntap='vnbhpa'\nmode='off'\n\n[[vm]]\nname='b'\nsocket='{}'\ntap='vnbhpb'\nmode='off'\n",
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let _p = spawn(
+        &ns,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &[("VNB_INJECT_PANIC", "control")],
+        &[&a, &b, &ctl],
+        &dir.join("d.log"),
+    );
+    ns.enter();
+    let pkt_b = PacketSocket::bind("vnbhpb");
+    let (mem_a, mem_b) = (guest_memory(), guest_memory());
+    let ga = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem_a, true);
+    let gb = Guest::setup(Frontend::connect(&b, 2).unwrap(), &mem_b, true);
+    let raw_a = UnixStream::connect(&a); // queued behind ga: accepted once ga's connection ends
+    ga.post_rx(0, 8, 2048);
+    // A frame that makes a's worker panic while it holds the VM's batching state.
+    ga.send(0, &control_frame(1, Some(b"VNBP")));
+    assert!(
+        eventually(|| stats(&ctl, "a").vm_counters.panics == 1),
+        "no panic counted: {}",
+        std::fs::read_to_string(dir.join("d.log")).unwrap_or_default()
+    );
+    // b never noticed.
+    let f = test_frame(9, 200);
+    gb.send(0, &f);
+    assert!(
+        pkt_b.recv_matching(T, |x| x == f.as_slice()).is_some(),
+        "b stopped forwarding"
+    );
+    // a's slot serves its next frontend, and a's control plane answers (its state survived the
+    // panic).
+    let raw_a = raw_a.unwrap();
+    drop(ga);
+    drop(raw_a);
+    let mem_a2 = guest_memory();
+    let ga2 = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem_a2, true);
+    ga2.post_rx(0, 8, 2048);
+    ga2.send(0, &control_frame(2, None));
+    assert!(
+        eventually(|| replies(&ga2)
+            .iter()
+            .any(|m| m.op == Op::GetReply && m.seq == 2)),
+        "a's control plane does not answer after the panic"
+    );
+    assert_eq!(stats(&ctl, "a").vm_counters.panics, 1);
+    assert_eq!(stats(&ctl, "b").vm_counters.panics, 0);
+}
+
+#[test]
+fn guest_memory_taken_away_ends_only_that_connection() {
+    let _ns = Netns::enter("hm");
+    let dir = tempdir();
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let slot_a = start_slot("ma", "vnbhma", &a);
+    let _slot_b = start_slot("mb", "vnbhmb", &b);
+    let pkt_b = PacketSocket::bind("vnbhmb");
+    let (file_a, mem_a) = guest_memory_with_file();
+    let mem_b = guest_memory();
+    let ga = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem_a, true);
+    let gb = Guest::setup(Frontend::connect(&b, 2).unwrap(), &mem_b, true);
+    // A chain is posted, then the frontend shrinks its memory file under the backend.
+    ga.send_nokick(0, &test_frame(1, 100));
+    file_a.set_len(0).unwrap();
+    // Nothing of the test's own mapping of a's memory may be touched from here on.
+    ga.kick[1].write(1).unwrap();
+    assert!(
+        eventually(|| slot_a.metrics().memory_faults.load(Relaxed) == 1),
+        "the fault was not caught and counted"
+    );
+    let sock = ga.fe_socket();
+    assert!(
+        eventually(|| closed_by_peer(&sock)),
+        "a's connection was not ended"
+    );
+    // b forwards as before; a takes a new frontend.
+    let f = test_frame(2, 200);
+    gb.send(0, &f);
+    assert!(pkt_b.recv_matching(T, |x| x == f.as_slice()).is_some());
+    std::mem::forget(ga); // its memory is gone: its queues must not be read any more
+    let mem_a2 = guest_memory();
+    let pkt_a = PacketSocket::bind("vnbhma");
+    let ga2 = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem_a2, true);
+    let f = test_frame(3, 200);
+    ga2.send(0, &f);
+    assert!(pkt_a.recv_matching(T, |x| x == f.as_slice()).is_some());
+    assert_eq!(slot_a.metrics().memory_faults.load(Relaxed), 1);
+}
+
+#[test]
+fn too_many_early_enables_end_the_connection_only() {
+    let _ns = Netns::enter("he");
+    let dir = tempdir();
+    let a = dir.join("a.sock");
+    let slot = start_slot("ea", "vnbhea", &a);
+    let s = UnixStream::connect(&a).unwrap();
+    let enable = |ring: u64| {
+        let mut m = Vec::new();
+        m.extend_from_slice(&18u32.to_le_bytes()); // SET_VRING_ENABLE
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&((1u64 << 32) | ring).to_le_bytes());
+        m
+    };
+    for i in 0..vhost_net_batch::shim::MAX_DEFERRED as u64 {
+        std::io::Write::write_all(&mut &s, &enable(i % 2)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!closed_by_peer(&s), "the cap itself is allowed");
+    let _ = std::io::Write::write_all(&mut &s, &enable(0));
+    assert!(
+        eventually(|| closed_by_peer(&s)),
+        "one enable over the cap kept the connection"
+    );
+    // The slot takes the next frontend.
+    let mem = guest_memory();
+    let pkt = PacketSocket::bind("vnbhea");
+    let g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+    let f = test_frame(4, 100);
+    g.send(0, &f);
+    assert!(pkt.recv_matching(T, |x| x == f.as_slice()).is_some());
+    assert_eq!(slot.metrics().connections.load(Relaxed), 2);
+}
+
+#[test]
+fn a_disabled_tx_ring_stops_its_timer() {
+    let _ns = Netns::enter("ht");
+    let dir = tempdir();
+    let a = dir.join("a.sock");
+    let mut cfg = VmConfig::new("ta", &a, "vnbhta", 1, None);
+    cfg.mode = Some("fixed:1000".parse().unwrap());
+    cfg.rate_floor_pps = Some(0);
+    let slot = start_slot_cfg(cfg);
+    let mem = guest_memory();
+    let mut g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+    // A frame with kicks held arms the TX drain timer, which keeps firing while the ring is
+    // busy or idle for fewer than four periods.
+    g.send(0, &test_frame(5, 100));
+    assert!(eventually(|| g.used(1).len() == 1));
+    g.fe.set_vring_enable(1, false).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let fires = || slot.metrics().queues[0].tx_timer_fires.load(Relaxed);
+    let before = fires();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = fires();
+    assert!(
+        after - before <= 1,
+        "a disabled TX ring's timer fired {} times in 300 ms",
+        after - before
+    );
+}
+
+#[test]
+fn meter_commands_inherit_no_guest_descriptor() {
+    let ns = ScriptNetns::create("hf");
+    let dir = tempdir();
+    let (a, ctl) = (dir.join("a.sock"), dir.join("ctl.sock"));
+    let listing = dir.join("fds.txt");
+    let cmd = format!(
+        "ls -l /proc/self/fd/ > {}.tmp; mv {0}.tmp {0}; echo 50",
+        listing.display()
+    );
+    let _p = spawn(
+        &ns,
+        &[
+            "--vm",
+            "a",
+            "--socket",
+            a.to_str().unwrap(),
+            "--tap",
+            "vnbhfa",
+            "--control",
+            ctl.to_str().unwrap(),
+            "--power-source",
+            "meter",
+            "--power-meter-cmd",
+            &cmd,
+        ],
+        &[],
+        &[&a, &ctl],
+        &dir.join("a.log"),
+    );
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+    g.send(0, &test_frame(6, 100));
+    assert!(eventually(|| stats(&ctl, "a").total.tx_packets == 1));
+    // The meter runs every 100 ms: a fresh listing taken with the guest's memory mapped.
+    let _ = std::fs::remove_file(&listing);
+    assert!(eventually(|| listing.exists()));
+    let fds = std::fs::read_to_string(&listing).unwrap();
+    for bad in ["memfd", "eventfd", "socket:", "/dev/net/tun"] {
+        assert!(
+            !fds.contains(bad),
+            "the meter command inherited {bad}:\n{fds}"
+        );
+    }
+}
+
+#[test]
+fn a_hung_meter_never_delays_a_control_reply() {
+    let ns = ScriptNetns::create("hh");
+    let dir = tempdir();
+    let (a, ctl) = (dir.join("a.sock"), dir.join("ctl.sock"));
+    let flag = dir.join("hang");
+    let cmd = format!("[ -e {} ] && sleep 8; echo 50", flag.display());
+    let _p = spawn(
+        &ns,
+        &[
+            "--vm",
+            "a",
+            "--socket",
+            a.to_str().unwrap(),
+            "--tap",
+            "vnbhha",
+            "--control",
+            ctl.to_str().unwrap(),
+            "--power-source",
+            "meter",
+            "--power-meter-cmd",
+            &cmd,
+            "--power-period-ms",
+            "200",
+        ],
+        &[],
+        &[&a, &ctl],
+        &dir.join("a.log"),
+    );
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+    g.post_rx(0, 16, 2048);
+    std::fs::write(&flag, b"").unwrap();
+    // The sampler and the per-VM meter are now stuck in the command for 8 s.
+    std::thread::sleep(Duration::from_millis(600));
+    let t = Instant::now();
+    g.send(0, &control_frame(7, None));
+    let end = Instant::now() + Duration::from_secs(2);
+    let reply = loop {
+        if let Some(m) = replies(&g).into_iter().find(|m| m.seq == 7) {
+            break Some(m);
+        }
+        if Instant::now() > end {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let waited = t.elapsed();
+    let _ = std::fs::remove_file(&flag);
+    let reply = reply.expect("no control reply within 2 s while the meter hung");
+    assert_eq!(reply.op, Op::GetReply);
+    assert!(
+        waited < Duration::from_secs(1),
+        "the reply waited {waited:?}"
+    );
+    let _ = g.fe.as_raw_fd();
+}
