@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build image demo test lint unit clean
+.PHONY: all setup build image demo test lint unit clean soak
 
 all: build
 
@@ -27,6 +27,10 @@ test: setup image
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) lint
+
+# Half an hour of four VMs (VNB_SOAK_MINUTES to change it); samples in target/soak.
+soak: setup image
+	$(CARGO) test -p vhost-net-batch --test soak -- --nocapture
 
 clean:
 	$(CARGO) clean

@@ -228,12 +228,13 @@ where
     let err = chart_err(&name);
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let pts = pareto::points(c, workload, view);
+    // Room on the right for the last point's label.
     let xmax = pts
         .iter()
         .map(|p| p.rtt_range.1)
         .fold(0.0f64, f64::max)
         .max(1e-3)
-        * 1.1;
+        * 1.3;
     let ymax = pts
         .iter()
         .map(|p| p.cost_range.1)
@@ -303,10 +304,17 @@ where
                 if p.on_front { " (front)" } else { "" }
             ))
             .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+        chart
+            .draw_series([Text::new(
+                p.config.clone(),
+                (p.rtt, p.cost),
+                ("sans-serif", 11).into_font().color(&color),
+            )])
+            .map_err(|e| err(&e))?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(("sans-serif", 12))

@@ -87,6 +87,10 @@ pub fn metrics() -> Vec<Metric> {
             get: |r| r.cpu_s_per_gb,
         },
         Metric {
+            title: "backend CPU-s/GB",
+            get: |r| r.backend_cpu_s_per_gb,
+        },
+        Metric {
             title: "irq+kicks/GB",
             get: |r| r.notifications_per_gb,
         },

@@ -306,6 +306,18 @@ pub struct RunResult {
     /// CPU seconds of the backend and of QEMU per GB the guest's NIC moved.
     #[serde(default)]
     pub cpu_s_per_gb: Option<f64>,
+    /// Guest kicks per GB (our backend's counters).
+    #[serde(default)]
+    pub kicks_per_gb: Option<f64>,
+    /// RX interrupts our backend sent per GB.
+    #[serde(default)]
+    pub rx_irqs_per_gb: Option<f64>,
+    /// TX completion interrupts our backend sent per GB.
+    #[serde(default)]
+    pub tx_irqs_per_gb: Option<f64>,
+    /// CPU seconds of the backend alone per GB (none when QEMU is the backend).
+    #[serde(default)]
+    pub backend_cpu_s_per_gb: Option<f64>,
     /// CPU seconds of the backend process (none when QEMU is the backend).
     pub backend_cpu_s: Option<f64>,
     /// CPU seconds of QEMU.

@@ -101,9 +101,10 @@ impl Vm {
         c
     }
 
-    fn kicks(&self) -> Option<u64> {
+    /// Our backend's counters (none for QEMU's own NIC or an external backend).
+    fn backend_counts(&self) -> Option<QueueSnapshot> {
         let s = vhost_net_batch::control_socket::stats(self.control.as_ref()?, "bench").ok()?;
-        Some(s.total.tx_kicks + s.total.rx_kicks)
+        Some(s.total)
     }
 }
 
@@ -113,7 +114,7 @@ struct Snap {
     irqs: u64,
     packets: u64,
     bytes: u64,
-    kicks: Option<u64>,
+    backend: Option<QueueSnapshot>,
     backend_cpu: Option<f64>,
     qemu_cpu: f64,
     backend_ctx: Option<u64>,
@@ -359,7 +360,7 @@ fn snap(vm: &Vm) -> Result<Snap> {
         irqs: parse::interrupts(&text, "virtio1-"),
         packets: sum("PKTS "),
         bytes: sum("BYTES "),
-        kicks: vm.kicks(),
+        backend: vm.backend_counts(),
         backend_cpu: backend.map(|p| procfs::cpu_seconds(p).unwrap_or(0.0)),
         qemu_cpu: procfs::cpu_seconds(qemu).unwrap_or(0.0),
         backend_ctx: backend.map(|p| procfs::context_switches(p).unwrap_or(0)),
@@ -618,7 +619,9 @@ fn measure(
     if packets > 0 {
         r.irqs_per_packet = Some(irqs as f64 / packets as f64);
     }
-    let kicks = a.kicks.zip(b.kicks).map(|(k0, k1)| k1.saturating_sub(k0));
+    let counts = a.backend.zip(b.backend);
+    let delta = |f: fn(&QueueSnapshot) -> u64| counts.map(|(x, y)| f(&y).saturating_sub(f(&x)));
+    let kicks = delta(|q| q.tx_kicks + q.rx_kicks);
     if let Some(k) = kicks {
         r.kicks_per_s = Some(k as f64 / secs);
         if packets > 0 {
@@ -637,7 +640,11 @@ fn measure(
         let gb = r.guest_bytes as f64 / 1e9;
         r.joules_per_gb = r.joules.map(|j| j / gb);
         r.notifications_per_gb = kicks.map(|k| (irqs + k) as f64 / gb);
+        r.kicks_per_gb = kicks.map(|k| k as f64 / gb);
+        r.rx_irqs_per_gb = delta(|q| q.rx_interrupts).map(|n| n as f64 / gb);
+        r.tx_irqs_per_gb = delta(|q| q.tx_interrupts).map(|n| n as f64 / gb);
         r.cpu_s_per_gb = Some((r.backend_cpu_s.unwrap_or(0.0) + r.qemu_cpu_s) / gb);
+        r.backend_cpu_s_per_gb = r.backend_cpu_s.map(|c| c / gb);
     }
     Ok(())
 }

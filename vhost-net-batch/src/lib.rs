@@ -15,7 +15,7 @@
 //! - [`server`]: per-VM sockets, connections and reconnects;
 //! - [`tap`], [`timer`]: the tap device and the workers' `timerfd`s;
 //! - [`metrics`]: counters per VM and queue pair;
-//! - [`control_socket`], [`prometheus`]: the operator interfaces;
+//! - [`control_socket`], [`prometheus`], [`metrics_endpoint`]: the operator interfaces;
 //! - [`access`]: socket modes, groups and the peer check of every connection.
 
 pub mod access;
@@ -27,6 +27,7 @@ pub mod datapath;
 pub mod device;
 pub mod memguard;
 pub mod metrics;
+pub mod metrics_endpoint;
 pub mod policy;
 pub mod prometheus;
 pub mod server;

@@ -261,28 +261,14 @@ pub enum MetricsError {
     Thread(#[from] std::io::Error),
 }
 
-/// Serves `/metrics` on `addr` on a thread.
+/// Serves `/metrics` on `addr` on a thread ([`crate::metrics_endpoint`]).
 pub fn serve_metrics(addr: &str, vms: Vms) -> Result<(), MetricsError> {
-    let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Listen {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| MetricsError::Listen {
         addr: addr.into(),
         msg: e.to_string(),
     })?;
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || {
-            for req in server.incoming_requests() {
-                let resp = if req.url() == "/metrics" {
-                    let ct = tiny_http::Header::from_bytes(
-                        &b"Content-Type"[..],
-                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
-                    )
-                    .expect("static header");
-                    tiny_http::Response::from_string(render_metrics(&vms)).with_header(ct)
-                } else {
-                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                };
-                let _ = req.respond(resp);
-            }
-        })?;
+        .spawn(move || crate::metrics_endpoint::run(listener, &|| render_metrics(&vms)))?;
     Ok(())
 }

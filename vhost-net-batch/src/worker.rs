@@ -146,6 +146,8 @@ pub struct Worker {
     outbox: Vec<([u8; control_msg::MAX_FRAME_LEN], usize)>,
     /// The worker's thread has been seen (reported once, for energy accounting).
     thread_seen: bool,
+    /// The RX and TX rings have had their first interrupt on this connection.
+    told: [bool; 2],
 }
 
 impl Worker {
@@ -168,6 +170,7 @@ impl Worker {
             tx_last_signal_ns: 0,
             outbox: Vec::with_capacity(OUTBOX),
             thread_seen: false,
+            told: [false; 2],
         })
     }
 
@@ -299,6 +302,25 @@ impl Worker {
         let mut tx_ring = vrings[1].get_mut();
         let rx_ok = rx_ring.is_enabled() && rx_ring.get_queue().ready();
         let tx_ok = tx_ring.is_enabled() && tx_ring.get_queue().ready();
+        for (i, (ring, ok)) in [(&rx_ring, rx_ok), (&tx_ring, tx_ok)]
+            .into_iter()
+            .enumerate()
+        {
+            if ok && !self.told[i] {
+                if let Some(call) = ring.get_call() {
+                    // Once per ring and connection, as soon as the guest can be told: a
+                    // backend restarted under a live guest may find completions in the used
+                    // ring its predecessor never signalled (an RX batch waiting for its
+                    // timer), and the guest waits for exactly that interrupt. A spurious one
+                    // costs a poll. The eventfd came through the vhost crate without
+                    // close-on-exec: no child process may inherit it.
+                    // SAFETY: F_SETFD on a descriptor the vring owns.
+                    unsafe { libc::fcntl(call.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+                    let _ = call.notify();
+                    self.told[i] = true;
+                }
+            }
+        }
         tracing::trace!(rx_ok, tx_ok, ?wake, delays = ?s.delays, "worker wake-up");
         if !tx_ok && self.tx_held {
             // A disabled or stopped TX ring has nothing to drain.

@@ -452,3 +452,160 @@ fn a_hung_meter_never_delays_a_control_reply() {
     );
     let _ = g.fe.as_raw_fd();
 }
+
+#[test]
+fn a_thousand_idle_metrics_connections_block_no_one() {
+    let ns = ScriptNetns::create("hx");
+    let dir = tempdir();
+    let (a, ctl) = (dir.join("a.sock"), dir.join("ctl.sock"));
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let p = spawn(
+        &ns,
+        &[
+            "--vm",
+            "a",
+            "--socket",
+            a.to_str().unwrap(),
+            "--tap",
+            "vnbhxa",
+            "--control",
+            ctl.to_str().unwrap(),
+            "--metrics-addr",
+            &addr,
+        ],
+        &[],
+        &[&a, &ctl],
+        &dir.join("a.log"),
+    );
+    ns.enter();
+    // This process needs more than the usual 1024 descriptors for the idle connections.
+    // SAFETY: reading and raising our own soft limit to the hard one.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max.min(1 << 16);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    let get = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    };
+    assert!(get().unwrap().starts_with("HTTP/1.0 200"));
+    let fds_before = vnb_common::procfs::fd_count(p.pid()).unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // Some idle ones have sent half a request, too large a one, or garbage.
+    for (i, s) in idle.iter().enumerate().take(30) {
+        let mut s = s;
+        let _ = std::io::Write::write_all(
+            &mut s,
+            match i % 3 {
+                0 => &b"GET /metr"[..],
+                1 => &[b'A'; 9000][..],
+                _ => &b"\x01\x02\r\n\r\n"[..],
+            },
+        );
+    }
+    let t = Instant::now();
+    let body = get().expect("no /metrics answer beside 1000 idle connections");
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(body.contains("vnb_tx_packets_total"));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "/metrics took {:?}",
+        t.elapsed()
+    );
+    let fds = vnb_common::procfs::fd_count(p.pid()).unwrap();
+    assert!(
+        fds <= fds_before + vhost_net_batch::metrics_endpoint::MAX_CONNECTIONS + 2,
+        "the daemon holds {fds} descriptors (was {fds_before})"
+    );
+    // The VM still takes its frontend, the control socket answers.
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+    g.send(0, &test_frame(8, 100));
+    assert!(eventually(|| stats(&ctl, "a").total.tx_packets == 1));
+    drop(idle);
+}
+
+#[test]
+fn a_hundred_reconnects_leave_descriptors_threads_and_memory_flat() {
+    let ns = ScriptNetns::create("hr");
+    let dir = tempdir();
+    let (a, ctl) = (dir.join("a.sock"), dir.join("ctl.sock"));
+    let p = spawn(
+        &ns,
+        &[
+            "--vm",
+            "a",
+            "--socket",
+            a.to_str().unwrap(),
+            "--tap",
+            "vnbhra",
+            "--queues",
+            "2",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &[],
+        &[&a, &ctl],
+        &dir.join("a.log"),
+    );
+    let mem = guest_memory();
+    let pid = p.pid();
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    let fds = || vnb_common::procfs::fd_count(pid).unwrap();
+    let rss = || vnb_common::procfs::rss_kib(pid).unwrap();
+    let mut sent = 0;
+    let mut cycle = |seq: u8| {
+        let g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+        g.send(0, &test_frame(seq, 100));
+        sent += 1;
+        assert!(
+            eventually(|| stats(&ctl, "a").total.tx_packets == sent),
+            "cycle {seq}: no traffic"
+        );
+        drop(g);
+    };
+    // Let each connection's teardown finish before reading the figures.
+    let settled = |n: u64| {
+        assert!(eventually(|| stats(&ctl, "a").connections == n));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for i in 0..10 {
+        cycle(i);
+    }
+    settled(10);
+    let (fd0, th0, rss0) = (fds(), threads(), rss());
+    let mut samples = vec![rss0];
+    for i in 10..110u8 {
+        cycle(i);
+        if i % 20 == 9 {
+            settled(u64::from(i) + 1);
+            samples.push(rss());
+        }
+    }
+    settled(110);
+    let (fd1, th1, rss1) = (fds(), threads(), rss());
+    println!(
+        "100 reconnects: fds {fd0} -> {fd1}, threads {th0} -> {th1}, RSS KiB {samples:?} -> {rss1}"
+    );
+    assert_eq!(fd1, fd0, "descriptors leaked over 100 connections");
+    assert_eq!(th1, th0, "threads leaked over 100 connections");
+    assert!(
+        rss1 <= rss0 + 2048,
+        "RSS grew by {} KiB over 100 connections: {samples:?}",
+        rss1.saturating_sub(rss0)
+    );
+}
