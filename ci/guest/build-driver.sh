@@ -155,8 +155,7 @@ if [ ! -f "$kroot/.complete" ]; then
   touch "$kroot/.complete"
 fi
 cc=$(cat "$kroot/.compiler")
-cross=$(sed -n 's/^override CROSS_COMPILE = \(.*\)$/\1/p' "$kdir/.kernelvariables" 2>/dev/null || true)
-command -v "$cross$cc" >/dev/null 2>&1 || die "'$cross$cc' not found: the kernel was built with $cc; install Debian package '$cc' (ci/setup.sh installs it)"
+command -v "$cc" >/dev/null 2>&1 || die "'$cc' not found: the kernel was built with it; install Debian package '$cc' (ci/setup.sh installs it)"
 
 # --- patch and build -------------------------------------------------------------------------
 mkdir -p "$work/tree/drivers/net"
