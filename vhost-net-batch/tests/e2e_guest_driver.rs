@@ -367,15 +367,25 @@ fn patched_guest_driver_end_to_end() {
     // --- The NIC works: ping both ways, TCP both ways (timer not yet configured).
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "2", PATCHED_IP]));
     pg.exec(&format!("ping -c 3 -W 2 {PATCHED_HOST}"));
+    // A run that moves nothing is printed and repeated once, as in e2e_qemu: iperf3 has been
+    // seen to exit 0 with an empty reverse test on a loaded machine (with the stock driver too).
     let tcp = |rev: bool| {
         let mut a = vec!["iperf3", "-c", PATCHED_IP, "-t", "3", "-J"];
         if rev {
             a.push("-R");
         }
-        let out = ns.cmd(&a).output().unwrap();
-        let json = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "iperf3 {a:?} failed: {json}");
-        goodput_mbps(&json)
+        for attempt in 1..=2 {
+            let out = ns.cmd(&a).output().unwrap();
+            let json = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "iperf3 {a:?} failed: {json}");
+            let mbps = goodput_mbps(&json);
+            if mbps > 1.0 || attempt == 2 {
+                return mbps;
+            }
+            println!("iperf3 {a:?} attempt {attempt} moved nothing; its report:\n{json}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        unreachable!()
     };
     let (h2g, g2h) = (tcp(false), tcp(true));
     lines.push(format!(
@@ -542,17 +552,39 @@ fn patched_guest_driver_end_to_end() {
             ));
         }
         let ratio = stock.kicks_per_s / on.kicks_per_s.max(1.0);
+        let per_pkt = |u: &Udp| u.kicks_per_s / u.pps.max(1.0);
+        let pkt_ratio = per_pkt(&stock) / per_pkt(&on).max(1e-6);
         lines.push(format!(
-            "  #{round}: kicks/s fall {ratio:.1}x against stock ({:.1}x against tx_timer=0), goodput {:+.1} % against stock; tx_timer=0 kicks at {:.2}x the stock rate",
+            "  #{round}: kicks/s fall {ratio:.1}x against stock ({pkt_ratio:.1}x per packet; {:.1}x against tx_timer=0), goodput {:+.1} % against stock; tx_timer=0 kicks at {:.2}x the stock rate",
             off.kicks_per_s / on.kicks_per_s.max(1.0),
             (on.mbps / stock.mbps - 1.0) * 100.0,
             off.kicks_per_s / stock.kicks_per_s.max(1.0)
         ));
         let mut bad = Vec::new();
-        if ratio < 5.0 {
+        // A CPU-starved guest batches by itself: measured with this machine's two cores busy
+        // with other work, the stock guest reached 18-30 of the 100 Mb/s offered and kicked
+        // only 0.2-0.28 times per packet (its qdisc backs up and xmit_more ends long bursts),
+        // 400-770 kicks/s, while the guest timer kicked 0.04-0.07 times per packet: a fall of
+        // 1.5-2.9x per second, 3.8-4.6x per packet. Unstarved (58-77 Mb/s, 0.4-0.6 kicks per
+        // packet) the fall was 5.3-7x per second. So when the stock guest moves under half
+        // the offered rate, the round is held to a 3x fall per packet instead; a timer that
+        // does not batch measured about 1x either way (tx_timer=0 above).
+        let starved = stock.mbps < 50.0;
+        if ratio < 5.0 && !(starved && pkt_ratio >= 3.0) {
             bad.push(format!(
-                "guest->host UDP kicks/s fell only {ratio:.1}x ({:.0} -> {:.0})",
-                stock.kicks_per_s, on.kicks_per_s
+                "guest->host UDP kicks/s fell only {ratio:.1}x ({:.0} -> {:.0}), {pkt_ratio:.1}x per packet{}",
+                stock.kicks_per_s,
+                on.kicks_per_s,
+                if starved {
+                    " (stock guest CPU-starved: at least 3x per packet expected)"
+                } else {
+                    ""
+                }
+            ));
+        } else if ratio < 5.0 {
+            lines.push(format!(
+                "  #{round}: stock guest CPU-starved ({:.1} of 100 Mb/s): held to {pkt_ratio:.1}x >= 3x fewer kicks per packet",
+                stock.mbps
             ));
         }
         if on.mbps < 0.9 * stock.mbps {
