@@ -14,8 +14,9 @@
 #                                 bookworm-security)
 #   FORCE=1                       rebuild even if the stamp matches
 # Cached: when the stamp (hash of ci/guest/*, kernel package version, busybox/iperf3/ethtool/
-# tbench binaries, the patched driver module and EXTRA_BINS) matches OUTDIR/stamp, nothing is done. Needs root only for
-# 'apt-get update' (done once, when apt does not know any 6.12 cloud kernel yet).
+# tbench binaries, the patched driver module and EXTRA_BINS) matches OUTDIR/stamp, nothing is
+# done. Needs root only for 'apt-get update' (done once, when apt does not know any 6.12 cloud
+# kernel yet).
 set -euo pipefail
 trap 'echo "build-image: failed (line $LINENO: $BASH_COMMAND)" >&2' ERR
 
