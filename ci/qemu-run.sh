@@ -17,6 +17,8 @@
 #   --vectors N          MSI-X vectors of the NIC (default: QEMU's; 0 on QEMU < 8 with vhost-user)
 #   --qemu BIN (qemu-system-x86_64, or $QEMU)  --extra "ARGS" (appended, word-split)
 #   --append "ARGS"      extra kernel command line
+#   --guest-driver stock|patched   the guest's virtio-net driver: Linux's virtio_net (default) or
+#                        the patched virtio_net_batch.ko of guest-driver-patch/linux (vnb.driver=)
 # Always TCG (-accel tcg -cpu max), shared memfd guest RAM (vhost-user needs it), no reboot.
 # Works with QEMU 7.2 (vectors=0, reconnect=S) and 9.2+/10.x (reconnect-ms=MS).
 set -euo pipefail
@@ -30,7 +32,7 @@ abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 vhost_user="" tap_netns="" tap="" vhost_net=off tx_timer=0 mac=52:54:00:12:34:56 queues=1
 ip="" agent="" console="" pidfile="" mem=512 smp=1 reconnect_ms="" vectors_opt=""
 kernel=$repo/target/guest/vmlinuz initrd=$repo/target/guest/initrd.img qemu=${QEMU:-qemu-system-x86_64}
-extra="" append="" guest_queues=""
+extra="" append="" guest_queues="" guest_driver=stock
 [ $# -gt 0 ] || usage
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -60,6 +62,7 @@ while [ $# -gt 0 ]; do
     --qemu) qemu=$2 ;;
     --extra) extra=$2 ;;
     --append) append=$2 ;;
+    --guest-driver) guest_driver=$2 ;;
     *) echo "qemu-run: unknown option $1" >&2; usage ;;
   esac
   shift 2
@@ -77,6 +80,7 @@ if [ -n "$vhost_user" ] && [ -n "$tap_netns$tap" ]; then die "give either --vhos
 [ -z "$reconnect_ms" ] || [[ "$reconnect_ms" =~ ^[0-9]+$ ]] || die "--reconnect-ms must be a number"
 [ -z "$vectors_opt" ] || [[ "$vectors_opt" =~ ^[0-9]+$ ]] || die "--vectors must be a number"
 case "$vhost_net" in on|off) ;; *) die "--vhost-net must be on or off" ;; esac
+case "$guest_driver" in stock|patched) ;; *) die "--guest-driver must be stock or patched" ;; esac
 for f in "$kernel" "$initrd"; do
   [ -s "$f" ] || die "guest image missing: $f; build it with ci/guest/build-image.sh"
 done
@@ -112,6 +116,7 @@ guest_queues=${guest_queues:-$queues}
 [[ "$guest_queues" =~ ^[1-9][0-9]*$ ]] && [ "$guest_queues" -le "$queues" ] ||
   die "--guest-queues must be between 1 and --queues ($queues)"
 [ "$guest_queues" -le 1 ] || cmdline+=" vnb.mq=$guest_queues"
+[ "$guest_driver" = stock ] || cmdline+=" vnb.driver=$guest_driver"
 [ -z "$append" ] || cmdline+=" $append"
 
 # shellcheck disable=SC2054  # commas inside QEMU option values

@@ -27,6 +27,10 @@ fi
 PKGS=(iperf3 busybox-static apache2-utils dpdk dpdk-dev iproute2 ethtool cpio kmod python3
       zstd xz-utils iputils-ping procps socat dbench pkg-config libc6-dev g++ fonts-dejavu-core)
 BPO_PKGS=(qemu-system-x86 qemu-utils)
+# The patched guest driver (ci/guest/build-driver.sh): the kernel sources and headers are fetched
+# as .debs and unpacked privately (linux-headers-* would install a kernel image here); building
+# needs the kernel's compiler (gcc-12), make, patch, binutils and the kbuild tools' libraries.
+PKGS+=(make gcc-12 patch binutils pahole libelf1 libssl3 zlib1g)
 
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

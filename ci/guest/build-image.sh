@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the test guest: Debian's 6.12 cloud kernel (vmlinuz) and a busybox initramfs (initrd.img)
 # with virtio_net, iperf3, ethtool, busybox httpd, tbench and a command agent on a virtio-serial
-# port (ci/guest/init, ci/guest/agent.sh, ci/guest/vnb-run).
+# port (ci/guest/init, ci/guest/agent.sh, ci/guest/vnb-run). The image also carries the patched
+# driver virtio_net_batch.ko (guest-driver-patch/linux, built by ci/guest/build-driver.sh), which
+# the guest loads instead of the stock virtio_net only when booted with vnb.driver=patched.
 #
 # Usage: ci/guest/build-image.sh [OUTDIR]          (default OUTDIR: <repo>/target/guest)
 # Environment:
@@ -12,8 +14,9 @@
 #                                 bookworm-security)
 #   FORCE=1                       rebuild even if the stamp matches
 # Cached: when the stamp (hash of ci/guest/*, kernel package version, busybox/iperf3/ethtool/
-# tbench binaries and EXTRA_BINS) matches OUTDIR/stamp, nothing is done. Needs root only for
-# 'apt-get update' (done once, when apt does not know any 6.12 cloud kernel yet).
+# tbench binaries, the patched driver module and EXTRA_BINS) matches OUTDIR/stamp, nothing is
+# done. Needs root only for 'apt-get update' (done once, when apt does not know any 6.12 cloud
+# kernel yet).
 set -euo pipefail
 trap 'echo "build-image: failed (line $LINENO: $BASH_COMMAND)" >&2' ERR
 
@@ -112,9 +115,15 @@ for b in ${EXTRA_BINS:-}; do
   extra+=("$(readlink -f "$b")")
 done
 
+# The patched guest driver for this kernel (cached by build-driver.sh itself).
+driver_ko=$(bash "$here/build-driver.sh" --kernel-pkg "$kpkg" --kernel-version "$kver_pkg" --out "$out/driver") ||
+  die "building the patched guest driver (ci/guest/build-driver.sh) failed; see above"
+[ -s "$driver_ko" ] || die "build-driver.sh printed no module"
+
 stamp=$(
   {
     echo "kernel $kpkg $kver_pkg"
+    sha256sum "$driver_ko"
     (cd "$here" && find . -type f ! -name '*~' ! -name '.*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
     for f in "$bb" "$iperf" $ethtool $tbench $tbench_srv "${tools[@]}"; do sha256sum "$f"; done
     echo "extra ${#extra[@]}"
@@ -196,6 +205,10 @@ add_module() { # add_module NAME: the module and its dependencies, dependencies 
 for m in virtio_pci virtio_console virtio_net; do
   grep -q "/$m\.ko" "$moddir/modules.builtin" || add_module "$m"
 done
+grep -qx virtio_net.ko "$order" || die "virtio_net is not a module in $kpkg: the patched driver cannot replace it"
+# The patched driver: /init loads it in virtio_net.ko's place with vnb.driver=patched.
+mkdir -p "$root/lib/vnb-modules/patched"
+cp "$driver_ko" "$root/lib/vnb-modules/patched/virtio_net_batch.ko"
 
 # Binaries with their shared libraries (same paths as on the host, so the loader finds them).
 copy_with_libs() {
@@ -276,6 +289,6 @@ echo "$kver" >"$out/kernel-release"
 echo "$kpkg $kver_pkg" >"$out/kernel-package"
 echo "$stamp" >"$out/stamp"
 echo "build-image: built guest with kernel $kver ($kpkg $kver_pkg), initrd $(du -h "$out/initrd.img" | cut -f1)," \
-  "modules: $(tr '\n' ' ' <"$order")" >&2
+  "modules: $(tr '\n' ' ' <"$order")(patched: virtio_net_batch.ko)" >&2
 echo "$out/vmlinuz"
 echo "$out/initrd.img"

@@ -1,6 +1,6 @@
 //! Printing replies: one line of `key=value` pairs, easy to read and to parse.
 
-use control_msg::{Flags, Message, Status, ENERGY_UNKNOWN};
+use control_msg::{parse_frame, Flags, Message, Op, Status, ENERGY_UNKNOWN};
 
 /// The status as a word.
 pub fn status_word(s: Status) -> &'static str {
@@ -60,6 +60,46 @@ pub fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+/// The op as a word.
+pub fn op_word(op: Op) -> &'static str {
+    match op {
+        Op::Set => "set",
+        Op::Get => "get",
+        Op::SetReply => "set_reply",
+        Op::GetReply => "get_reply",
+    }
+}
+
+/// A MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_word(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// One line describing a control frame seen on an interface whose address is `own`: its
+/// direction (`out` when `own` sent it), addresses, the decoded message (or why it does not
+/// decode) and the whole frame in hex.
+pub fn frame_line(frame: &[u8], own: &[u8; 6]) -> String {
+    let dst = frame.get(0..6).map(mac_word).unwrap_or_default();
+    let src = frame.get(6..12).map(mac_word).unwrap_or_default();
+    let dir = if frame.get(6..12) == Some(&own[..]) {
+        "out"
+    } else {
+        "in"
+    };
+    let what = match parse_frame(frame) {
+        Ok((_, m)) => format!("op={} seq={} {}", op_word(m.op), m.seq, reply_line(&m)),
+        Err(e) => format!("invalid=\"{e}\""),
+    };
+    format!(
+        "frame dir={dir} src={src} dst={dst} len={} {what} hex={}",
+        frame.len(),
+        hex(frame)
+    )
+}
+
 /// Lower-case hex of `b`.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -110,6 +150,28 @@ mod tests {
         };
         assert!(reply_line(&m2).contains("flags=none"));
         assert!(reply_line(&m2).ends_with("energy_uj=5"));
+    }
+
+    #[test]
+    fn frame_lines() {
+        let own = [0x52, 0x54, 0, 0x77, 1, 2];
+        let mut f = [0u8; control_msg::MAX_FRAME_LEN];
+        let n = Message::set(7, Flags::RX | Flags::TX, 500).encode_frame(
+            control_msg::DEVICE_MAC,
+            own,
+            &mut f,
+        );
+        let l = frame_line(&f[..n], &own);
+        assert!(
+            l.starts_with(
+                "frame dir=out src=52:54:00:77:01:02 dst=02:76:6e:62:00:00 len=60 op=set seq=7 status=ok flags=rx,tx max_rtt_us=500 "
+            ),
+            "{l}"
+        );
+        assert!(l.ends_with(&format!(" hex={}", hex(&f[..n]))), "{l}");
+        let l = frame_line(&f[..20], &[0; 6]);
+        assert!(l.starts_with("frame dir=in "), "{l}");
+        assert!(l.contains("invalid=\"frame too short: 20 bytes\""), "{l}");
     }
 
     #[test]

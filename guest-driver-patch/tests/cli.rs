@@ -116,3 +116,59 @@ fn a_missing_interface_and_bad_arguments_are_named() {
     let o = ns.run(FRAME, &["--iface", "nope0", "--payload-hex", "00"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// `watch` prints control frames an interface sends and receives, and nothing else; `vnb-frame
+/// --count` sends a burst. Over a veth pair: a SET and data frames leave d0, a SET arrives on d1.
+#[test]
+fn watch_prints_control_frames_both_ways_and_count_sends_a_burst() {
+    let ns = Ns::new("w");
+    let spawn = |iface: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, GUEST, "--iface", iface, "watch"])
+            .args(["--ms", "1500"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (out, inc) = (spawn("d0"), spawn("d1"));
+    std::thread::sleep(Duration::from_millis(400));
+    // A SET request (seq 0x0102, RX|TX, 500 µs) as control-msg encodes its payload.
+    let set = "564e42310100020103000000f4010000000000000000000000000000000000000000000000000000";
+    let o = ns.run(FRAME, &["--iface", "d0", "--payload-hex", set]);
+    assert!(o.status.success());
+    let o = ns.run(
+        FRAME,
+        &[
+            "--iface",
+            "d0",
+            "--ethertype",
+            "0x88b6",
+            "--payload-hex",
+            "00",
+            "--count",
+            "5",
+        ],
+    );
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "sent 5 frames");
+    let text = |c: std::process::Child| {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (out, inc) = (text(out), text(inc));
+    for (t, dir) in [(&out, "dir=out"), (&inc, "dir=in")] {
+        let frames: Vec<&str> = t.lines().filter(|l| l.starts_with("frame ")).collect();
+        assert_eq!(frames.len(), 1, "only the control frame is printed: {t}");
+        let l = frames[0];
+        assert!(l.contains(dir), "{l}");
+        assert!(
+            l.contains(
+                "dst=02:76:6e:62:00:00 len=54 op=set seq=258 status=ok flags=rx,tx max_rtt_us=500"
+            ),
+            "{l}"
+        );
+        assert!(l.ends_with(set), "{l}");
+        assert!(t.contains("watched 1500 ms: 1 control frames"), "{t}");
+    }
+}

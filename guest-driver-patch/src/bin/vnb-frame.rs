@@ -1,8 +1,9 @@
-//! `vnb-frame`: sends one raw frame with a given payload (used by tests to send malformed
-//! control frames from inside the guest) and prints the control frames that come back.
+//! `vnb-frame`: sends a raw frame with a given payload (used by tests to send malformed
+//! control frames from inside the guest, or a counted burst of data frames) and prints the
+//! control frames that come back.
 //!
 //! ```text
-//! vnb-frame --iface eth0 [--dst MAC] [--ethertype 0x88b5] --payload-hex HEX [--wait-ms N]
+//! vnb-frame --iface eth0 [--dst MAC] [--ethertype 0x88b5] --payload-hex HEX [--count N] [--wait-ms N]
 //! ```
 
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use control_msg::DEVICE_MAC;
 use guest_driver_patch::format::{from_hex, hex};
-use guest_driver_patch::open_control;
+use guest_driver_patch::open;
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +33,9 @@ struct Cli {
     /// The payload after the 14-byte Ethernet header, in hex.
     #[arg(long, value_parser = parse_hex)]
     payload_hex: Hex,
+    /// Send the frame this many times, back to back (prints how many were sent).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
     /// Wait this long for control frames coming back and print them.
     #[arg(long)]
     wait_ms: Option<u64>,
@@ -63,7 +67,7 @@ fn parse_u16(s: &str) -> Result<u16, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (ch, mac) = match open_control(&cli.iface) {
+    let (ch, mac) = match open(&cli.iface, control_msg::ETHERTYPE) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vnb-frame: {e}");
@@ -75,9 +79,14 @@ fn main() -> ExitCode {
     frame.extend_from_slice(&mac);
     frame.extend_from_slice(&cli.ethertype.to_be_bytes());
     frame.extend_from_slice(&cli.payload_hex.0);
-    if let Err(e) = ch.send(&frame) {
-        eprintln!("vnb-frame: cannot send: {e}");
-        return ExitCode::from(1);
+    for i in 0..cli.count {
+        if let Err(e) = ch.send(&frame) {
+            eprintln!("vnb-frame: cannot send (after {i} frames): {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if cli.count > 1 {
+        println!("sent {} frames", cli.count);
     }
     if let Some(ms) = cli.wait_ms {
         let mut n = 0;
@@ -122,14 +131,18 @@ mod tests {
             "02:00:00:00:00:01",
             "--wait-ms",
             "10",
+            "--count",
+            "300",
         ])
         .unwrap();
         assert_eq!(c.payload_hex, Hex(vec![10, 255]));
+        assert_eq!(c.count, 300);
         assert_eq!(c.ethertype, 0x0800);
         assert_eq!(c.dst, Some([2, 0, 0, 0, 0, 1]));
         assert_eq!(c.wait_ms, Some(10));
         let d = Cli::try_parse_from(["vnb-frame", "--payload-hex", ""]).unwrap();
-        assert_eq!((d.ethertype, d.dst), (ETHERTYPE, None));
+        assert_eq!((d.ethertype, d.dst, d.count), (ETHERTYPE, None, 1));
+        assert!(Cli::try_parse_from(["vnb-frame", "--payload-hex", "00", "--count", "0"]).is_err());
         assert!(Cli::try_parse_from(["vnb-frame", "--payload-hex", "abc"]).is_err());
         assert!(Cli::try_parse_from(["vnb-frame", "--payload-hex", "00", "--dst", "1:2"]).is_err());
         assert!(Cli::try_parse_from(["vnb-frame"]).is_err());

@@ -4,17 +4,20 @@
 //! vnb-guest --iface eth0 set --max-rtt-us 500 [--rx on|off] [--tx on|off] [--adaptive on|off]
 //! vnb-guest --iface eth0 get
 //! vnb-guest --iface eth0 off
+//! vnb-guest --iface eth0 watch [--ms 5000]
 //! ```
 //! Prints the effective values from the device's reply. Exit 0 on OK or CLAMPED, 2 on
 //! INVALID or RATE_LIMITED, 1 when no reply comes in time or the request cannot be sent.
+//! `watch` sends nothing: it prints every control frame the interface sends or receives
+//! (e.g. those of a driver's `ethtool -C`), one line each, for the given time.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use control_msg::{parse_frame, Flags, Message, Status, DEVICE_MAC, MAX_FRAME_LEN};
-use guest_driver_patch::format::{on_off, reply_line};
-use guest_driver_patch::open_control;
+use control_msg::{parse_frame, Flags, Message, Status, DEVICE_MAC, ETHERTYPE, MAX_FRAME_LEN};
+use guest_driver_patch::format::{frame_line, on_off, reply_line};
+use guest_driver_patch::open;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +57,13 @@ enum Cmd {
     Get,
     /// Turn buffering off for this guest.
     Off,
+    /// Send nothing; print every control frame sent or received on the interface, with its
+    /// bytes, for MS milliseconds.
+    Watch {
+        /// How long to watch, in ms.
+        #[arg(long, default_value_t = 5000)]
+        ms: u64,
+    },
 }
 
 fn request(cmd: &Cmd, seq: u16) -> Message {
@@ -76,9 +86,35 @@ fn request(cmd: &Cmd, seq: u16) -> Message {
             }
             Message::set(seq, f, max_rtt_us)
         }
-        Cmd::Get => Message::get(seq),
+        Cmd::Get | Cmd::Watch { .. } => Message::get(seq),
         Cmd::Off => Message::set(seq, Flags::default(), 0),
     }
+}
+
+/// `watch`: frames of every EtherType are read (a socket bound to one EtherType does not see
+/// the frames its host sends) and the control ones printed.
+fn watch(iface: &str, ms: u64) -> ExitCode {
+    let (ch, mac) = match open(iface, vnb_common::packet::ETH_P_ALL) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vnb-guest: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut n = 0u64;
+    let res = ch.recv_until(Duration::from_millis(ms), |f| {
+        if control_msg::ethertype(f) == Some(ETHERTYPE) {
+            println!("{}", frame_line(f, &mac));
+            n += 1;
+        }
+        None::<()>
+    });
+    if let Err(e) = res {
+        eprintln!("vnb-guest: {e}");
+        return ExitCode::from(1);
+    }
+    println!("watched {ms} ms: {n} control frames");
+    ExitCode::SUCCESS
 }
 
 fn seq() -> u16 {
@@ -91,7 +127,10 @@ fn seq() -> u16 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (ch, mac) = match open_control(&cli.iface) {
+    if let Cmd::Watch { ms } = cli.cmd {
+        return watch(&cli.iface, ms);
+    }
+    let (ch, mac) = match open(&cli.iface, ETHERTYPE) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vnb-guest: {e}");
@@ -190,5 +229,7 @@ mod tests {
                 .is_err()
         );
         assert!(Cli::try_parse_from(["vnb-guest", "set", "--max-rtt-us", "-5"]).is_err());
+        let w = Cli::try_parse_from(["vnb-guest", "watch", "--ms", "200"]).unwrap();
+        assert!(matches!(w.cmd, Cmd::Watch { ms: 200 }));
     }
 }
