@@ -91,6 +91,10 @@ pub fn metrics() -> Vec<Metric> {
             get: |r| r.backend_cpu_s_per_gb,
         },
         Metric {
+            title: "guest CPU busy",
+            get: |r| r.guest_cpu_busy,
+        },
+        Metric {
             title: "irq+kicks/GB",
             get: |r| r.notifications_per_gb,
         },

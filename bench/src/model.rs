@@ -28,6 +28,8 @@ pub enum Workload {
     /// The same echo while a 50 Mb/s UDP stream runs host→guest: the latency a request sees
     /// when batching is engaged (an idle link stays under the rate floor and is never delayed).
     RrLoad,
+    /// Guest→host UDP at 100 Mb/s offered (1400-byte datagrams): where guest TX kicks add up.
+    UdpTx,
     /// Direction-switching traffic: guest→host TCP bulk, host→guest TCP bulk, then ping-pong
     /// (flood ping), one phase after the other, the cycle repeated; the backend's policy is
     /// sampled every 100 ms so reports show it following the traffic.
@@ -36,13 +38,14 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload except the idle baseline, in report order.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::IperfTx,
         Workload::IperfRx,
         Workload::Http,
         Workload::Tbench,
         Workload::Rr,
         Workload::RrLoad,
+        Workload::UdpTx,
         Workload::Mix,
     ];
 
@@ -56,6 +59,7 @@ impl Workload {
             Workload::Tbench => "tbench",
             Workload::Rr => "rr",
             Workload::RrLoad => "rr-load",
+            Workload::UdpTx => "udp-tx",
             Workload::Mix => "mix",
         }
     }
@@ -111,9 +115,30 @@ pub enum Backend {
     },
 }
 
-/// Policy settings of ours beyond the mode, written after `@` in a configuration name, comma
-/// separated: `paper` or `fast` (`--policy`), `floor=N` (`--rate-floor-pps`), `frames=F`
-/// (`--period-frames`). `adaptive:500@paper`, `fixed:500@floor=0,frames=0.25`.
+/// The guest's virtio-net driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestDriver {
+    /// The patched `virtio_net_batch` with its TX kick timer off (kicks as stock).
+    Patched,
+    /// The patched driver with its TX kick timer on, `ethtool -C eth0 tx-usecs US rx-usecs US`
+    /// (which also asks the device for `T = US`).
+    Timer(u32),
+}
+
+impl GuestDriver {
+    fn name(self) -> String {
+        match self {
+            GuestDriver::Patched => "patched".into(),
+            GuestDriver::Timer(us) => format!("timer:{us}"),
+        }
+    }
+}
+
+/// Settings beyond the mode, written after `@` in a configuration name, comma separated:
+/// `paper` or `fast` (`--policy`), `floor=N` (`--rate-floor-pps`), `frames=F`
+/// (`--period-frames`), and the guest's driver, `guest=patched` or `guest=timer:US`.
+/// `adaptive:500@paper`, `fixed:500@floor=0,frames=0.25`, `off@guest=timer:500`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tuning {
     /// The EWMA rule.
@@ -122,6 +147,9 @@ pub struct Tuning {
     pub rate_floor_pps: Option<u32>,
     /// Frames per delay period a direction needs to be delayed (as written).
     pub period_frames: Option<String>,
+    /// The guest's driver (stock when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestDriver>,
 }
 
 impl Tuning {
@@ -133,7 +161,7 @@ impl Tuning {
         let mut t = Tuning::default();
         let bad = |what: &str| {
             BenchError::Input(format!(
-                "bad setting {what:?} after '@': use paper, fast, floor=PPS or frames=F"
+                "bad setting {what:?} after '@': use paper, fast, floor=PPS, frames=F, guest=patched or guest=timer:US"
             ))
         };
         for opt in s.split(',') {
@@ -141,6 +169,15 @@ impl Tuning {
                 None if opt == "paper" => t.policy = Some(EwmaRule::Paper),
                 None if opt == "fast" => t.policy = Some(EwmaRule::Fast),
                 Some(("floor", v)) => t.rate_floor_pps = Some(v.parse().map_err(|_| bad(opt))?),
+                Some(("guest", "patched")) => t.guest = Some(GuestDriver::Patched),
+                Some(("guest", v)) => {
+                    let us = v
+                        .strip_prefix("timer:")
+                        .and_then(|u| u.parse().ok())
+                        .filter(|u| (1..=100_000).contains(u))
+                        .ok_or_else(|| bad(opt))?;
+                    t.guest = Some(GuestDriver::Timer(us));
+                }
                 Some(("frames", v)) => {
                     let f: f64 = v.parse().map_err(|_| bad(opt))?;
                     if !(0.0..=64.0).contains(&f) {
@@ -185,6 +222,9 @@ impl fmt::Display for Tuning {
         if let Some(v) = &self.period_frames {
             parts.push(format!("frames={v}"));
         }
+        if let Some(g) = self.guest {
+            parts.push(format!("guest={}", g.name()));
+        }
         if !parts.is_empty() {
             write!(f, "@{}", parts.join(","))?;
         }
@@ -193,6 +233,14 @@ impl fmt::Display for Tuning {
 }
 
 impl Backend {
+    /// The guest driver this configuration boots (stock when `None`).
+    pub fn guest_driver(&self) -> Option<GuestDriver> {
+        match self {
+            Backend::Ours { tuning, .. } => tuning.guest,
+            _ => None,
+        }
+    }
+
     /// Parses `--external NAME=TEMPLATE`.
     pub fn external(spec: &str) -> Result<Backend, BenchError> {
         let (name, template) = spec.split_once('=').ok_or_else(|| {
@@ -306,6 +354,9 @@ pub struct RunResult {
     /// CPU seconds of the backend and of QEMU per GB the guest's NIC moved.
     #[serde(default)]
     pub cpu_s_per_gb: Option<f64>,
+    /// Share of the guest's CPU time spent busy over the run (from its `/proc/stat`).
+    #[serde(default)]
+    pub guest_cpu_busy: Option<f64>,
     /// Guest kicks per GB (our backend's counters).
     #[serde(default)]
     pub kicks_per_gb: Option<f64>,

@@ -105,6 +105,20 @@ pub fn tbench_mbs(text: &str) -> Result<f64> {
         .ok_or_else(|| bad("tbench", "output has no 'Throughput N MB/sec' line"))
 }
 
+/// The (busy, total) CPU ticks of the aggregate `cpu` line of `/proc/stat` in `text`; busy is
+/// everything but idle and iowait.
+pub fn proc_stat_busy(text: &str) -> Option<(u64, u64)> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
 /// Sum of the interrupts of the lines of `/proc/interrupts` whose name contains `dev`.
 pub fn interrupts(text: &str, dev: &str) -> u64 {
     text.lines()
@@ -122,6 +136,13 @@ pub fn interrupts(text: &str, dev: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_cpu_from_proc_stat() {
+        let t = "  1: 5 x\ncpu  100 5 50 800 20 3 2 0 0 0\ncpu0 100 5 50 800 20 3 2 0 0 0\n";
+        assert_eq!(proc_stat_busy(t), Some((160, 980)));
+        assert_eq!(proc_stat_busy("nothing"), None);
+    }
 
     #[test]
     fn iperf3_tcp_udp_and_errors() {

@@ -13,7 +13,9 @@ use vnb_common::procfs;
 
 use crate::backend::BackendSpec;
 use crate::error::{sh, BenchError, Result};
-use crate::model::{Backend, Campaign, Machine, PhaseMark, RunResult, SeriesPoint, Workload};
+use crate::model::{
+    Backend, Campaign, GuestDriver, Machine, PhaseMark, RunResult, SeriesPoint, Workload,
+};
 use crate::parse;
 use crate::stats::percentile;
 
@@ -114,6 +116,8 @@ struct Snap {
     irqs: u64,
     packets: u64,
     bytes: u64,
+    /// The guest's (busy, total) CPU ticks.
+    guest_cpu: Option<(u64, u64)>,
     backend: Option<QueueSnapshot>,
     backend_cpu: Option<f64>,
     qemu_cpu: f64,
@@ -260,7 +264,11 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm> {
         agent: dir.join("agent"),
     };
     let qemu_run = opts.repo.join("ci/qemu-run.sh");
+    let guest = cfg.guest_driver();
     let common = |c: &mut Command| {
+        if guest.is_some() {
+            c.args(["--guest-driver", "patched"]);
+        }
         c.args(["--mac", GUEST_MAC, "--ip", &format!("{GUEST_IP}/24")])
             .arg("--agent")
             .arg(vm_agent(&dir))
@@ -332,6 +340,20 @@ fn boot(opts: &RunOptions, cfg: &Backend, ci: usize, rep: u32) -> Result<Vm> {
             std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
         ))
     })?;
+    if let Some(g) = guest {
+        // The patched driver's TX kick timer: off, or on with `ethtool -C` (whose control frame
+        // also asks the device for T = US in both directions).
+        let cmd = match g {
+            GuestDriver::Patched => {
+                "echo 0 > /sys/module/virtio_net_batch/parameters/tx_timer".to_string()
+            }
+            GuestDriver::Timer(us) => format!(
+                "echo 1 > /sys/module/virtio_net_batch/parameters/tx_timer && \
+                 (ethtool -C eth0 tx-usecs {us} rx-usecs {us} 2>&1 | grep -v clamped; true)"
+            ),
+        };
+        vm.gexec(&cmd)?;
+    }
     Ok(vm)
 }
 
@@ -341,7 +363,7 @@ fn vm_agent(dir: &Path) -> PathBuf {
 
 fn snap(vm: &Vm) -> Result<Snap> {
     let text = vm.gexec(
-        "cat /proc/interrupts; cd /sys/class/net/eth0/statistics; \
+        "cat /proc/interrupts; head -1 /proc/stat; cd /sys/class/net/eth0/statistics; \
          echo PKTS $(cat rx_packets tx_packets); echo BYTES $(cat rx_bytes tx_bytes)",
     )?;
     let sum = |tag: &str| {
@@ -360,6 +382,7 @@ fn snap(vm: &Vm) -> Result<Snap> {
         irqs: parse::interrupts(&text, "virtio1-"),
         packets: sum("PKTS "),
         bytes: sum("BYTES "),
+        guest_cpu: parse::proc_stat_busy(&text),
         backend: vm.backend_counts(),
         backend_cpu: backend.map(|p| procfs::cpu_seconds(p).unwrap_or(0.0)),
         qemu_cpu: procfs::cpu_seconds(qemu).unwrap_or(0.0),
@@ -497,6 +520,12 @@ fn run_workload(
             }
             r.throughput_mbps = Some(mbs * 8.0 * 1.048_576);
         }
+        Workload::UdpTx => {
+            let out = sh(&mut vm.host(&[
+                "iperf3", "-c", GUEST_IP, "-R", "-u", "-b", "100M", "-l", "1400", "-t", &d, "-J",
+            ]))?;
+            r.throughput_mbps = Some(parse::iperf3_mbps(&out)?);
+        }
         Workload::RrLoad => {
             let out = sh(&mut vm.host(&[
                 "iperf3", "-c", GUEST_IP, "-u", "-b", "50M", "-l", "1400", "-t", &d, "-J",
@@ -613,6 +642,11 @@ fn measure(
     r.guest_bytes = b.bytes.saturating_sub(a.bytes);
     if w == Workload::Mix {
         r.throughput_mbps = Some(r.guest_bytes as f64 * 8.0 / secs / 1e6);
+    }
+    if let (Some((b0, t0)), Some((b1, t1))) = (a.guest_cpu, b.guest_cpu) {
+        if t1 > t0 {
+            r.guest_cpu_busy = Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64);
+        }
     }
     let irqs = b.irqs.saturating_sub(a.irqs);
     r.guest_irqs_per_s = irqs as f64 / secs;

@@ -191,7 +191,7 @@ pub struct VmConfig {
     #[serde(default)]
     pub budget_us: Option<u32>,
     /// How the send share p* follows the traffic: `fast` (default: EWMAs of the packet rates
-    /// every 100 ms, follows a change within ~0.5 s) or `paper` (the paper's EWMA of the send
+    /// every 50 ms, follows a change within ~0.4 s) or `paper` (the paper's EWMA of the send
     /// ratio every 5 s).
     #[arg(long, value_name = "RULE")]
     #[serde(default)]
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!((p.budget_us, p.alpha, p.update_ms), (250, 0.5, 100));
         let d = vm("d").policy().unwrap();
         assert_eq!(d.mode, crate::policy::ModeKind::Adaptive);
-        assert_eq!((d.rule, d.update_ms), (EwmaRule::Fast, 100));
+        assert_eq!((d.rule, d.update_ms), (EwmaRule::Fast, 50));
         // The paper's rule brings its own interval unless one is given.
         let paper = FileConfig::parse(
             "[[vm]]\nname='a'\nsocket='/tmp/a'\ntap='ta'\npolicy='paper'\nperiod_frames=0.5\n",

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Most packets one direction moves before yielding to the other (like `VHOST_NET_WEIGHT`).
@@ -324,6 +325,21 @@ fn collect_chain<M: GuestMemoryBackend>(
     Ok(total)
 }
 
+/// Marks the first `len` bytes of the buffer formed by `segs` dirty in guest memory's log
+/// (written behind `vm-memory`'s back, by the tap's `readv`).
+fn mark_dirty<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], mut len: usize) {
+    for &(addr, l) in segs {
+        if len == 0 {
+            return;
+        }
+        let n = (l as usize).min(len);
+        if let Ok(s) = mem.get_slice(GuestAddress(addr), n) {
+            s.bitmap().mark_dirty(0, n);
+        }
+        len -= n;
+    }
+}
+
 /// Writes `data` at byte `offset` of the buffer formed by `segs`.
 fn write_segs<M: GuestMemoryBackend>(
     mem: &M,
@@ -599,6 +615,9 @@ pub struct RxPath {
     extra: Vec<(u16, u32)>,
     scratch: Box<[u8]>,
     pending: Option<PendingRx>,
+    /// Mark the guest pages the tap's frames are read into in the dirty-page log (live
+    /// migration); other writes go through `vm-memory`, which marks them itself.
+    pub log_writes: bool,
 }
 
 // SAFETY: the iovec buffer is scratch space, only meaningful during a `run` call.
@@ -629,6 +648,7 @@ impl RxPath {
             extra: Vec::with_capacity(64),
             scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
             pending: None,
+            log_writes: false,
         }
     }
 
@@ -799,6 +819,9 @@ impl RxPath {
                 unpop(q);
                 out.counts.control += 1;
                 continue;
+            }
+            if self.log_writes {
+                mark_dirty(mem, &self.segs, n.min(cap));
             }
             if n <= cap {
                 if hdr.len == 12 && !write_segs(mem, &self.segs, 10, &1u16.to_le_bytes()) {

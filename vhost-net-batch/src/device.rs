@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
@@ -31,8 +32,13 @@ use crate::metrics::VmMetrics;
 use crate::tap::Tap;
 use crate::worker::{Ctx, Worker};
 
-/// Guest memory as the backend sees it.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as the backend sees it: each region carries the dirty-page log QEMU hands over
+/// for live migration (`SET_LOG_BASE`); writes through `vm-memory` mark it, the data path marks
+/// what it writes directly (RX payloads read from the tap) while the guest asked for logging.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+
+/// A vring over [`GuestMem`].
+pub type Vring = VringRwLock<GuestMem>;
 
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -52,7 +58,8 @@ pub fn offered_features(queue_pairs: u16) -> u64 {
         | 1 << VIRTIO_NET_F_HOST_TSO4
         | 1 << VIRTIO_NET_F_HOST_TSO6
         | 1 << VIRTIO_NET_F_HOST_ECN
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if queue_pairs > 1 {
         f |= 1 << VIRTIO_NET_F_MQ;
     }
@@ -172,8 +179,8 @@ impl Drop for NetDevice {
 }
 
 impl VhostUserBackend for NetDevice {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         2 * self.queue_pairs as usize
@@ -211,6 +218,7 @@ impl VhostUserBackend for NetDevice {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -263,7 +271,7 @@ impl VhostUserBackend for NetDevice {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         let Some(worker) = self.workers.get(thread_id) else {

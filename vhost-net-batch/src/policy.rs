@@ -6,7 +6,7 @@
 //!
 //! - the send share `p*` follows one of two rules ([`EwmaRule`]): the paper's (every 5 s,
 //!   `p_s = n_s / (n_s + n_r + 1)` over the packets of that interval and `p* ← α·p* + (1−α)·p_s`),
-//!   or the default one, which reacts within a few hundred milliseconds: every 100 ms the send
+//!   or the default one, which reacts within a few hundred milliseconds: every 50 ms the send
 //!   and receive counts feed two EWMAs of the same α, `S ← α·S + (1−α)·n_s`,
 //!   `R ← α·R + (1−α)·n_r`, and `p* = S / (S + R)` (an idle interval leaves `p*` alone);
 //! - `T = min(operator budget, guest's max_rtt_us)`;
@@ -35,7 +35,7 @@ pub const DEFAULT_ALPHA: f64 = 0.75;
 /// The published default update interval, in milliseconds ([`EwmaRule::Paper`]).
 pub const PAPER_UPDATE_MS: u32 = 5000;
 /// The default rule's update interval, in milliseconds ([`EwmaRule::Fast`]).
-pub const FAST_UPDATE_MS: u32 = 100;
+pub const FAST_UPDATE_MS: u32 = 50;
 
 /// How `p*`, the smoothed share of packets the guest sends, follows the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -45,10 +45,10 @@ pub enum EwmaRule {
     /// `p* ← α·p* + (1−α)·p_s`. An idle interval counts as `p_s = 0`; over 5 s intervals `p*`
     /// needs about 15 s to follow a change of direction.
     Paper,
-    /// The default: EWMAs of the packets sent and received per interval (100 ms), with the same
+    /// The default: EWMAs of the packets sent and received per interval (50 ms), with the same
     /// α, and `p* = S / (S + R)`. It weighs each interval by its traffic, ignores idle ones, and
-    /// follows a change of direction within about 0.5 s (after k intervals the old traffic
-    /// weighs αᵏ: 24 % after 500 ms, 6 % after 1 s).
+    /// follows a change of direction within a few hundred milliseconds (after k intervals the
+    /// old traffic weighs αᵏ: 56 % after 100 ms, 24 % after 250 ms, 6 % after 500 ms).
     #[default]
     Fast,
 }
@@ -756,10 +756,10 @@ mod tests {
     fn the_default_rule_follows_a_change_of_direction_within_a_second() {
         let (at_turn, p) = after_a_turn(EwmaRule::Fast, FAST_UPDATE_MS);
         assert!(at_turn > 0.999, "{at_turn}");
-        // Old traffic weighs α^k after k intervals of 100 ms.
-        assert!((p[0] - 0.75).abs() < 0.01, "after 100 ms: {}", p[0]);
-        assert!(p[4] < 0.25, "after 500 ms p* = {}", p[4]);
-        assert!(p[9] < 0.06, "after 1 s p* = {}", p[9]);
+        // Old traffic weighs α^k after k intervals of 50 ms.
+        assert!((p[0] - 0.5625).abs() < 0.01, "after 100 ms: {}", p[0]);
+        assert!(p[4] < 0.06, "after 500 ms p* = {}", p[4]);
+        assert!(p[9] < 0.01, "after 1 s p* = {}", p[9]);
         // The delays follow: RX (the direction now carrying the traffic) gets most of T.
         let mut s = Sim::new(cfg(ModeKind::Adaptive, 1000));
         s.run(20_000, 20, 0);

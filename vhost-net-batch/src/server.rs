@@ -308,7 +308,7 @@ impl VmSlot {
     fn run_daemon(
         &self,
         device: &Arc<NetDevice>,
-        mem: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+        mem: crate::device::GuestMem,
         frontend: &UnixStream,
     ) -> Result<(), ConnError> {
         let mut daemon = VhostUserDaemon::new(self.cfg.name.clone(), device.clone(), mem)

@@ -14,7 +14,9 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 
-use vhost_user_backend::{VringEpollHandler, VringRwLock, VringState, VringT};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VringEpollHandler, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
@@ -26,7 +28,7 @@ use crate::datapath::{
     free_buffers, release_kicks, should_notify, used_event, DeliverError, HdrLayout, PathCounts,
     RxPath, TapFd, TxPath, TxRun, BATCH_BUDGET,
 };
-use crate::device::GuestMem;
+use crate::device::{GuestMem, Vring};
 use crate::metrics::{QueueStats, VmMetrics};
 use crate::policy::{
     rx_signal, tx_signal_due, Delays, RxBatch, RxSignal, Valve, Valves, MIN_DELAY_US,
@@ -110,7 +112,7 @@ pub struct Ctx<'a> {
 /// Per wake-up facts every step reads.
 struct Step<'a> {
     ctx: &'a Ctx<'a>,
-    mem: &'a GuestMemoryMmap<()>,
+    mem: &'a GuestMemoryMmap<BitmapMmapRegion>,
     notify_on_empty: bool,
     now: u64,
     delays: Delays,
@@ -127,7 +129,7 @@ pub struct Worker {
     /// Written when work is left after `MAX_ROUNDS`; wakes the worker again through epoll.
     resched: EventFd,
     /// The pair's vrings, remembered so a ring stop can give back held RX chains.
-    vrings: Option<[VringRwLock; 2]>,
+    vrings: Option<[Vring; 2]>,
     /// Fires when deferred RX completions must be signalled.
     rx_timer: Timer,
     /// Fires when the TX ring must be drained while kicks are held.
@@ -229,7 +231,7 @@ impl Worker {
     pub fn on_event(
         &mut self,
         ctx: &Ctx<'_>,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         device_event: u16,
         evset: EventSet,
         num_vrings: usize,
@@ -287,7 +289,7 @@ impl Worker {
         self.wake(ctx, vrings, wake);
     }
 
-    fn wake(&mut self, ctx: &Ctx<'_>, vrings: &[VringRwLock], wake: Wake) {
+    fn wake(&mut self, ctx: &Ctx<'_>, vrings: &[Vring], wake: Wake) {
         let now = now_ns();
         let mem = ctx.mem.memory();
         let s = Step {
@@ -481,6 +483,8 @@ impl Worker {
                 Err(DeliverError::Busy | DeliverError::NoBuffer) => break,
             }
         }
+        // While migrating, the frontend asks for every page we write to be logged.
+        self.rx.log_writes = s.ctx.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         let mut r = if self.tap_readable || self.rx.has_pending() {
             self.rx
                 .run(q, s.mem, &mut self.tap, s.ctx.hdr, BATCH_BUDGET)
