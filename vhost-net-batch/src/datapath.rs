@@ -203,7 +203,8 @@ pub struct PathCounts {
     pub used: u64,
     /// Chains rejected as malformed.
     pub bad_chains: u64,
-    /// Frames dropped (too large for the guest's buffer, or refused by the tap).
+    /// Frames dropped (too large for the guest's buffer, refused by the tap, or meeting a
+    /// malformed chain while spanning several buffers).
     pub dropped: u64,
     /// Tap I/O errors other than "would block".
     pub tap_errors: u64,
@@ -838,7 +839,10 @@ impl RxPath {
     }
 
     /// Places the rest of a pending frame into further chains and publishes it; gives the
-    /// frame back if the guest runs out of buffers first.
+    /// frame back if the guest runs out of buffers first. A malformed chain drops the frame
+    /// (its chains are completed empty, like the malformed one): completing that chain alone
+    /// while holding the earlier ones would let `abandon_pending` give it back to the ring
+    /// although the guest already has it.
     fn place_rest<M: GuestMemoryBackend>(
         &mut self,
         q: &mut Queue,
@@ -877,11 +881,16 @@ impl RxPath {
                     p.filled += take;
                 }
                 other => {
-                    tracing::debug!(head, ?other, "rejecting RX chain");
+                    tracing::debug!(head, ?other, "rejecting RX chain; dropping the frame");
                     counts.bad_chains += 1;
-                    if q.add_used(mem, head, 0).is_ok() {
-                        counts.used += 1;
+                    counts.dropped += 1;
+                    let held = std::iter::once(p.first).chain(self.extra.iter().map(|e| e.0));
+                    for h in held.chain(std::iter::once(head)) {
+                        if q.add_used(mem, h, 0).is_ok() {
+                            counts.used += 1;
+                        }
                     }
+                    return Ok(());
                 }
             }
         }

@@ -563,6 +563,57 @@ fn rx_pending_frame_is_given_back_when_the_ring_stops() {
 }
 
 #[test]
+fn rx_abandoned_frame_gives_back_no_chain_it_already_completed() {
+    // Found by the `datapath` fuzz target. A frame spanning several buffers meets a malformed
+    // chain while it collects them, and the ring stops (the frame is abandoned) before it
+    // completes. Abandoning gives back every chain taken since the frame's first one, so none
+    // of those may already be in the used ring: the guest would get that head twice once the
+    // ring runs again.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    vq.add_desc_chains(
+        &[
+            d(BUF, 1500, W, 0),
+            d(BUF + 0x10000, 1500, 0, 0), // device-readable: malformed for RX
+            d(BUF + 0x20000, 1500, W, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(4000, 1)]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    rx.abandon_pending(&mut q);
+    // Completed: exactly the chains taken and not given back, each once.
+    let taken: Vec<u32> = (0..q.next_avail())
+        .map(|i| {
+            let slot = vq.avail_addr().0 + 4 + 2 * u64::from(i % QSIZE);
+            u32::from(m.read_obj::<u16>(GuestAddress(slot)).unwrap())
+        })
+        .collect();
+    let mut completed: Vec<u32> = used(&m, &q).iter().map(|e| e.0).collect();
+    completed.sort_unstable();
+    assert_eq!(
+        completed, taken,
+        "the used ring must hold exactly the chains taken and not given back"
+    );
+    // The frame cannot be placed around the malformed chain: it is dropped and counted, its
+    // buffers completed empty.
+    assert_eq!((r.counts.dropped, r.counts.bad_chains), (1, 1));
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0)]);
+    // The next frame uses the next buffers.
+    rx_setup(&m, &vq, &[1500], 3);
+    tap.rx.push_back(frame(2500, 2));
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1);
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 1500), (3, 1012)]);
+}
+
+#[test]
 fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
     let m = mem();
     let vq = MockSplitQueue::new(&m, QSIZE);
