@@ -740,7 +740,9 @@ impl RxPath {
                     }
                 }
             }
-            if out.counts.packets + out.counts.dropped >= budget as u64 {
+            // Every frame read counts, control frames too: a host flooding them must not hold
+            // the worker in one run.
+            if out.counts.packets + out.counts.dropped + out.counts.control >= budget as u64 {
                 out.more = true;
                 break;
             }

@@ -635,6 +635,28 @@ fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
 }
 
 #[test]
+fn rx_control_frames_from_the_tap_count_against_the_budget() {
+    // Found by the `datapath` fuzz target. Control frames arriving from the tap are dropped
+    // (nobody outside may forge a control reply); a host flooding them must not keep one RX
+    // run reading for as long as the tap has frames.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048; 4], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut ctl = frame(60, 1);
+    ctl[24..26].copy_from_slice(&[0x88, 0xb5]);
+    let mut tap = FakeTap {
+        rx: std::iter::repeat_n(ctl, 100).collect(),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+    assert_eq!(r.counts.control, 8, "{r:?}");
+    assert_eq!(tap.rx.len(), 92, "read no more than the budget");
+    assert!(r.more);
+    assert!(used(&m, &q).is_empty());
+}
+
+#[test]
 fn rx_tso_frame_keeps_its_vnet_header() {
     let m = mem();
     let vq = MockSplitQueue::new(&m, QSIZE);
