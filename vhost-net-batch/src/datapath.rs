@@ -407,7 +407,9 @@ pub struct TxRun {
 impl TxRun {
     /// Chains taken off the ring (sent, dropped, rejected or consumed as control frames).
     pub fn moved(&self) -> u64 {
-        self.counts.packets + self.counts.dropped + self.counts.bad_chains + self.counts.control
+        // A control frame beyond the inbox is counted in both `control` and `dropped`.
+        let control = self.counts.control.min(CONTROL_INBOX as u64);
+        self.counts.packets + self.counts.dropped + self.counts.bad_chains + control
     }
 }
 
