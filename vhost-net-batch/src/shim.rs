@@ -186,7 +186,8 @@ fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<Ow
             c = libc::CMSG_NXTHDR(&mh, c);
         }
     }
-    if mh.msg_flags & libc::MSG_CTRUNC != 0 {
+    // (The control buffer has room for more than MAX_FDS descriptors.)
+    if mh.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "vhost-user message carried more descriptors than allowed",
@@ -470,6 +471,21 @@ mod tests {
         assert_eq!(r.fds.len(), 1);
         drop(a);
         assert!(recv_message(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn more_descriptors_than_max_fds_are_refused() {
+        // Found by the `shim` fuzz target: the control buffer holds up to 44 descriptors, and
+        // a message with 33..=44 of them got through.
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = [f.as_raw_fd(); MAX_FDS + 1];
+        let hdr = msg(GET_FEATURES, FLAG_VERSION, None).header();
+        send_with_fds(&a, &[IoSlice::new(&hdr)], &fd).unwrap();
+        assert!(matches!(recv_message(&b), Err(ShimError::Io(_))));
+        let (a, b) = UnixStream::pair().unwrap();
+        send_with_fds(&a, &[IoSlice::new(&hdr)], &fd[..MAX_FDS]).unwrap();
+        assert_eq!(recv_message(&b).unwrap().unwrap().fds.len(), MAX_FDS);
     }
 
     #[test]
