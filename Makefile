@@ -1,9 +1,10 @@
-# vhost-net-batch: `make demo` runs the main job, `make test` runs every test.
+# vhost-net-batch: `make demo` runs the main job, `make test` runs every test, `make fuzz` runs
+# every fuzz target for 10^6 inputs (FUZZ_RUNS to change; ci/fuzz.sh).
 # Both install what they need (ci/setup.sh, idempotent, needs root).
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build image demo test lint unit clean
+.PHONY: all setup build image demo test lint unit clean fuzz
 
 all: build
 
@@ -27,6 +28,9 @@ test: setup image
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) lint
+
+fuzz: setup
+	bash ci/fuzz.sh
 
 clean:
 	$(CARGO) clean

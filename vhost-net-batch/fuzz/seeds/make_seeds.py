@@ -245,6 +245,43 @@ def seeds():
     b.u8(8).u8(0).u8(3).u8(0).u16(0x4000)  # TX avail index jumps
     tx(b)
     out["wrap_event_idx"] = b.b
+
+    # Reproducers of the bugs the target found (each failed before its fix).
+    # 6. A malformed chain met while a mergeable frame collects buffers, then the ring stops:
+    # abandoning the frame gave back a chain already completed.
+    b = B()
+    header(b, layout=0, pattern=0, features=0)
+    queue(b, 3, False, [D(DATA, 1500), D(DATA + 0x1000, 1500, write=False), D(DATA + 0x2000, 1500)], True)
+    queue(b, 3, False, [], False)
+    tables(b)
+    avail(b, 8, [0, 1, 2])
+    avail(b, 8, [])
+    rx(b, events=[("f", 4000)])
+    op(b, 6)  # abandon
+    out["regress_abandon_after_bad_chain"] = b.b
+
+    # 7. Control frames from the tap beyond the RX budget.
+    b = B()
+    header(b, layout=0, pattern=0, features=0)
+    queue(b, 3, False, [D(DATA + 0x1000 * k, 2048) for k in range(4)], True)
+    queue(b, 3, False, [], False)
+    tables(b)
+    avail(b, 8, [0, 1, 2, 3])
+    avail(b, 8, [])
+    rx(b, budget=2, events=[("c", 60)] * 5)
+    out["regress_rx_control_budget"] = b.b
+
+    # 8. More control frames on TX than the control inbox holds (the pattern puts the control
+    # EtherType in every 64-byte block).
+    b = B()
+    header(b, layout=0, pattern=2, features=0)
+    queue(b, 4, False, [], True)
+    queue(b, 4, False, [D(DATA + 0x40 * k, 60) for k in range(12)], False)
+    tables(b)
+    avail(b, 16, [])
+    avail(b, 16, list(range(12)))
+    tx(b)
+    out["regress_tx_control_inbox"] = b.b
     return out
 
 
