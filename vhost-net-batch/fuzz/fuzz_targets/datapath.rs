@@ -206,6 +206,14 @@ struct Ranges(Vec<(u64, u64)>);
 impl Ranges {
     fn from(mut v: Vec<(u64, u64)>) -> Self {
         v.retain(|r| r.0 < r.1);
+        // Buffers often follow each other: merge those before sorting.
+        v.dedup_by(|b, a| {
+            let joined = a.1 == b.0;
+            if joined {
+                a.1 = b.1;
+            }
+            joined
+        });
         v.sort_unstable();
         let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
         for (a, b) in v {
@@ -1063,8 +1071,13 @@ impl World {
         let entries = self.rxq.entries(&post, nu0, self.rxq.q.next_used());
         let completed: Vec<Chain> = entries
             .iter()
-            .filter(|e| e.0 < u32::from(size))
-            .map(|e| Chain::walk(&pre, self.rxq.desc, size, e.0 as u16))
+            .map(|e| {
+                if e.0 < u32::from(size) {
+                    Chain::walk(&pre, self.rxq.desc, size, e.0 as u16)
+                } else {
+                    Chain::default()
+                }
+            })
             .collect();
         let took_w = Ranges::from(taken.iter().flat_map(|c| c.ranges_dir(true)).collect());
         self.check_iovecs(&took_w, what);
@@ -1095,7 +1108,7 @@ impl World {
                 id < u32::from(size),
                 "op {op}: {what}: used entry {k} has id {id}, queue size {size}"
             );
-            let chain = Chain::walk(&pre, self.rxq.desc, size, id as u16);
+            let chain = &completed[k];
             let cap = chain.writable_bytes();
             assert!(
                 u64::from(len) <= cap,
