@@ -490,13 +490,13 @@ impl QState {
             })
             .count() as u16
     }
-    /// The chains of avail entries `from..from+n` (heads out of range have none).
-    fn window(&self, s: &Snap, from: u16, n: u16) -> Vec<Chain> {
+    /// The heads and chains of avail entries `from..from+n` (heads out of range have none).
+    fn window(&self, s: &Snap, from: u16, n: u16) -> Vec<(u16, Chain)> {
         (0..n)
             .filter_map(|k| {
                 let slot = u64::from(from.wrapping_add(k) % self.size);
                 let head = s.u16(self.avail + 4 + 2 * slot)?;
-                (head < self.size).then(|| Chain::walk(s, self.desc, self.size, head))
+                (head < self.size).then(|| (head, Chain::walk(s, self.desc, self.size, head)))
             })
             .collect()
     }
@@ -665,6 +665,12 @@ struct World {
     op: usize,
     /// Whether `post` still shows guest memory as it is.
     fresh: bool,
+    /// RX chains taken while a frame is pending, as they were when taken: the device keeps
+    /// using them as such even if the guest rewrites its descriptor table meanwhile.
+    held: Vec<(u16, Chain)>,
+    /// False once a chain was taken while the ring changed under the device: what a pending
+    /// frame holds is then unknown here until it completes.
+    held_known: bool,
 }
 
 fn snapshot(regions: &[Region], out: &mut Vec<Vec<u8>>) {
@@ -820,7 +826,7 @@ impl World {
                 na0,
                 self.txq.q.next_avail().wrapping_sub(na0) + 1,
             );
-            let allowed = Ranges::from(taken.iter().flat_map(|c| c.ranges_dir(false)).collect());
+            let allowed = Ranges::from(taken.iter().flat_map(|c| c.1.ranges_dir(false)).collect());
             self.check_iovecs(&allowed, "TX run");
         }
         let size = self.txq.size;
@@ -1050,6 +1056,31 @@ impl World {
         if trace() {
             eprintln!("  {what}: stable {stable}, took {took}, used {used}");
         }
+        // Chains taken in this operation (one more: the last may have been given back after a
+        // read).
+        let taken = self.rxq.window(&self.pre(), na0, took.min(size) + 1);
+        let out = self.rx_checks(stable, (na0, nu0, took, used), c, &taken, what);
+        if !self.rx.has_pending() {
+            self.held.clear();
+            self.held_known = true;
+        } else if stable {
+            self.held.extend(taken);
+        } else {
+            self.held_known = false;
+        }
+        out
+    }
+
+    fn rx_checks(
+        &mut self,
+        stable: bool,
+        (na0, nu0, took, used): (u16, u16, u16, u16),
+        c: &PathCounts,
+        taken: &[(u16, Chain)],
+        what: &str,
+    ) -> Option<Vec<(u32, u32)>> {
+        let op = self.op;
+        let size = self.rxq.size;
         if !stable {
             // The guest's buffers overlap its rings: the device saw other chains than the
             // ones walked here.
@@ -1063,12 +1094,19 @@ impl World {
         let oor = self.rxq.out_of_range(&self.pre(), na0, took);
         self.rxq.completed = self.rxq.completed.wrapping_add(used + oor);
         self.check_rx_accounting();
-        // The device writes only into chains it took in this operation (one more: the last
-        // may have been given back after a read) and chains it completed (a pending frame's
-        // first one), and the used ring.
         let (pre, post) = (self.pre(), self.post());
-        let taken = self.rxq.window(&pre, na0, took + 1);
-        let entries = self.rxq.entries(&post, nu0, self.rxq.q.next_used());
+        let took_w = Ranges::from(taken.iter().flat_map(|c| c.1.ranges_dir(true)).collect());
+        self.check_iovecs(&took_w, what);
+        if !self.held_known {
+            return None;
+        }
+        // A guest that made more buffers available than its ring has entries gets more used
+        // entries than the ring holds: the later ones overwrite the earlier.
+        let entries = if used <= size {
+            self.rxq.entries(&post, nu0, self.rxq.q.next_used())
+        } else {
+            Vec::new()
+        };
         let completed: Vec<Chain> = entries
             .iter()
             .map(|e| {
@@ -1079,11 +1117,13 @@ impl World {
                 }
             })
             .collect();
-        let took_w = Ranges::from(taken.iter().flat_map(|c| c.ranges_dir(true)).collect());
-        self.check_iovecs(&took_w, what);
+        // The device writes only into chains it took in this operation, chains it completed,
+        // chains a pending frame holds, and the used ring.
         let touched = Ranges::from(
             taken
                 .iter()
+                .chain(&self.held)
+                .map(|h| &h.1)
                 .chain(&completed)
                 .flat_map(|c| c.ranges_dir(true))
                 .chain(self.tap.iov_ranges.iter().copied())
@@ -1091,10 +1131,17 @@ impl World {
         );
         let used_ring = Ranges::from(vec![self.rxq.used_ring()]);
         let (a, b) = self.rxq.used_ring();
-        if touched.overlaps(a, b) {
-            // Frame data may have overwritten used entries: only what holds regardless.
+        if trace() {
+            eprintln!("  entries {entries:?}");
+            for (h, c) in taken {
+                eprintln!("  taken {h}: {:?}", c.descs);
+            }
+        }
+        if used > size || touched.overlaps(a, b) {
+            // Frame data may have overwritten used entries, or entries each other: only what
+            // holds regardless.
             let all = self.rxq.buffers(&pre, true);
-            self.check_unchanged(&all.union(&used_ring), what);
+            self.check_unchanged(&all.union(&touched).union(&used_ring), what);
             return None;
         }
         self.check_unchanged(&touched.union(&used_ring), what);
@@ -1108,8 +1155,16 @@ impl World {
                 id < u32::from(size),
                 "op {op}: {what}: used entry {k} has id {id}, queue size {size}"
             );
-            let chain = &completed[k];
-            let cap = chain.writable_bytes();
+            // The entry's chain as the device may have seen it: walked now, or taken earlier
+            // while a frame was pending.
+            let seen: Vec<&Chain> = self
+                .held
+                .iter()
+                .filter(|h| u32::from(h.0) == id)
+                .map(|h| &h.1)
+                .chain([&completed[k]])
+                .collect();
+            let cap = seen.iter().map(|c| c.writable_bytes()).max().unwrap();
             assert!(
                 u64::from(len) <= cap,
                 "op {op}: {what}: used entry {k} (head {id}) has length {len}, its chain holds {cap} writable bytes"
@@ -1118,15 +1173,17 @@ impl World {
                 zero += 1;
                 // A chain fit for any RX use is completed empty only with a frame dropped
                 // (one that met a malformed chain while spanning several buffers).
-                let good = chain
-                    .valid(&pre, true, MAX_SEGMENTS - 1)
-                    .is_some_and(|n| n >= self.hdr.len);
+                let good = seen.iter().all(|c| {
+                    c.valid(&pre, true, MAX_SEGMENTS - 1)
+                        .is_some_and(|n| n >= self.hdr.len)
+                });
                 zero_good += u64::from(good);
             } else {
                 assert!(
-                    chain.valid(&pre, true, MAX_SEGMENTS).is_some(),
+                    seen.iter()
+                        .any(|c| c.valid(&pre, true, MAX_SEGMENTS).is_some()),
                     "op {op}: {what}: head {id} got {len} bytes but is not a valid RX chain: {:?}",
-                    chain.descs
+                    completed[k].descs
                 );
             }
         }
@@ -1338,6 +1395,8 @@ impl World {
         assert!(!self.rx.has_pending());
         assert_eq!(self.rxq.q.next_used(), nu0);
         self.totals.abandoned += u64::from(dropped);
+        self.held.clear();
+        self.held_known = true;
         self.check_rx_totals();
         self.check_rx_accounting();
     }
@@ -1621,6 +1680,8 @@ fn run(data: &[u8]) {
         serial: 0,
         fresh: false,
         op: 0,
+        held: Vec::new(),
+        held_known: true,
     };
     while !i.empty() && w.op < MAX_OPS {
         w.op += 1;

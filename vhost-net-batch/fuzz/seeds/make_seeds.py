@@ -2,7 +2,9 @@
 """Writes the seed corpora of the fuzz targets, byte for byte in the input formats the targets
 decode: for `datapath` (corpus/datapath/) meaningful rings and operation sequences, for `shim`
 (corpus/shim/) vhost-user message streams as QEMU sends them. The fuzzer mutates from these.
-Run from vhost-net-batch/fuzz: python3 seeds/make_seeds.py"""
+Run from vhost-net-batch/fuzz: python3 seeds/make_seeds.py
+(corpus/datapath/guest_reposts_held_chains is not generated here: it is an input the fuzzer
+found, kept because it once tripped the checks.)"""
 import os
 import struct
 
