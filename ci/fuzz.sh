@@ -46,7 +46,7 @@ for t in "${targets[@]}"; do
   rc=0
   (cd "$repo/$crate" && CARGO_TARGET_DIR=$repo/target/$tdir \
     cargo fuzz run "$name" --sanitizer "$san" "$corpus" "fuzz/corpus/$name" -- \
-    -runs="$runs" -max_len="$maxlen" -timeout=30 -print_final_stats=1 \
+    -runs="$runs" -max_len="$maxlen" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
     -artifact_prefix="$artifacts/") >>"$log" 2>&1 || rc=$?
   secs=$(($(date +%s) - start))
   stat() { sed -n "s/^stat::$1:[[:space:]]*//p" "$log" | tail -1; }
