@@ -1,9 +1,10 @@
-# vhost-net-batch: `make demo` runs the main job, `make test` runs every test.
+# vhost-net-batch: `make demo` runs the main job, `make test` runs every test, `make fuzz` runs
+# every fuzz target for 10^6 inputs (FUZZ_RUNS to change; ci/fuzz.sh).
 # Both install what they need (ci/setup.sh, idempotent, needs root).
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build image demo test lint unit clean soak
+.PHONY: all setup build image demo test lint unit clean soak fuzz
 
 all: build
 
@@ -31,6 +32,9 @@ test: setup image
 # Half an hour of four VMs (VNB_SOAK_MINUTES to change it); samples in target/soak.
 soak: setup image
 	$(CARGO) test -p vhost-net-batch --test soak -- --nocapture
+
+fuzz: setup
+	bash ci/fuzz.sh
 
 clean:
 	$(CARGO) clean

@@ -64,7 +64,7 @@ if ! mountpoint -q /dev/hugepages 2>/dev/null; then
 fi
 modprobe tun 2>/dev/null || true
 
-# cargo-fuzz for the control-message parser's bounded fuzz test (control-msg/tests).
+# cargo-fuzz: the bounded fuzz tests (control-msg/tests, vhost-net-batch/tests) and `make fuzz`.
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --version 0.13.2 ||
     { echo "ci/setup.sh: cargo install cargo-fuzz failed (crates.io reachable?)" >&2; exit 1; }

@@ -199,7 +199,8 @@ pub struct PathCounts {
     pub used: u64,
     /// Chains rejected as malformed.
     pub bad_chains: u64,
-    /// Frames dropped (too large for the guest's buffer, or refused by the tap).
+    /// Frames dropped (too large for the guest's buffer, refused by the tap, or meeting a
+    /// malformed chain while spanning several buffers).
     pub dropped: u64,
     /// Tap I/O errors other than "would block".
     pub tap_errors: u64,
@@ -417,7 +418,9 @@ pub struct TxRun {
 impl TxRun {
     /// Chains taken off the ring (sent, dropped, rejected or consumed as control frames).
     pub fn moved(&self) -> u64 {
-        self.counts.packets + self.counts.dropped + self.counts.bad_chains + self.counts.control
+        // A control frame beyond the inbox is counted in both `control` and `dropped`.
+        let control = self.counts.control.min(CONTROL_INBOX as u64);
+        self.counts.packets + self.counts.dropped + self.counts.bad_chains + control
     }
 }
 
@@ -754,7 +757,9 @@ impl RxPath {
                     }
                 }
             }
-            if out.counts.packets + out.counts.dropped >= budget as u64 {
+            // Every frame read counts, control frames too: a host flooding them must not hold
+            // the worker in one run.
+            if out.counts.packets + out.counts.dropped + out.counts.control >= budget as u64 {
                 out.more = true;
                 break;
             }
@@ -856,7 +861,10 @@ impl RxPath {
     }
 
     /// Places the rest of a pending frame into further chains and publishes it; gives the
-    /// frame back if the guest runs out of buffers first.
+    /// frame back if the guest runs out of buffers first. A malformed chain drops the frame
+    /// (its chains are completed empty, like the malformed one): completing that chain alone
+    /// while holding the earlier ones would let `abandon_pending` give it back to the ring
+    /// although the guest already has it.
     fn place_rest<M: GuestMemoryBackend>(
         &mut self,
         q: &mut Queue,
@@ -895,11 +903,16 @@ impl RxPath {
                     p.filled += take;
                 }
                 other => {
-                    tracing::debug!(head, ?other, "rejecting RX chain");
+                    tracing::debug!(head, ?other, "rejecting RX chain; dropping the frame");
                     counts.bad_chains += 1;
-                    if q.add_used(mem, head, 0).is_ok() {
-                        counts.used += 1;
+                    counts.dropped += 1;
+                    let held = std::iter::once(p.first).chain(self.extra.iter().map(|e| e.0));
+                    for h in held.chain(std::iter::once(head)) {
+                        if q.add_used(mem, h, 0).is_ok() {
+                            counts.used += 1;
+                        }
                     }
+                    return Ok(());
                 }
             }
         }

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::io;
 
 use vhost_net_batch::datapath::{
-    should_notify, HdrLayout, RxPath, TapIo, TxPath, MAX_FRAME, MAX_SEGMENTS,
+    should_notify, HdrLayout, RxPath, TapIo, TxPath, CONTROL_INBOX, MAX_FRAME, MAX_SEGMENTS,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -255,6 +255,29 @@ fn tx_control_frames_are_consumed_and_never_reach_the_tap() {
         heads.iter().map(|&h| u32::from(h)).collect::<Vec<_>>(),
         "every chain is completed"
     );
+}
+
+#[test]
+fn tx_moved_counts_each_chain_once_when_the_control_inbox_overflows() {
+    // Found by the `datapath` fuzz target. Control frames beyond the inbox are dropped and
+    // counted in both `control` and `dropped`; `moved()` (the run's budget, the batch-size
+    // histogram) must still count each chain taken once.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut ctl = frame(60, 1);
+    ctl[24..26].copy_from_slice(&[0x88, 0xb5]);
+    m.write_slice(&ctl, GuestAddress(BUF)).unwrap();
+    let n = CONTROL_INBOX + 4;
+    let descs: Vec<_> = (0..n).map(|_| d(BUF, ctl.len() as u32, 0, 0)).collect();
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let mut tx = TxPath::new();
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+    assert_eq!(tx.control.len(), CONTROL_INBOX);
+    assert_eq!((r.counts.control, r.counts.dropped), (n as u64, 4));
+    assert_eq!(r.moved(), u64::from(q.next_avail()), "{r:?}");
+    assert_eq!(r.moved(), n as u64);
 }
 
 #[test]
@@ -563,6 +586,57 @@ fn rx_pending_frame_is_given_back_when_the_ring_stops() {
 }
 
 #[test]
+fn rx_abandoned_frame_gives_back_no_chain_it_already_completed() {
+    // Found by the `datapath` fuzz target. A frame spanning several buffers meets a malformed
+    // chain while it collects them, and the ring stops (the frame is abandoned) before it
+    // completes. Abandoning gives back every chain taken since the frame's first one, so none
+    // of those may already be in the used ring: the guest would get that head twice once the
+    // ring runs again.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    vq.add_desc_chains(
+        &[
+            d(BUF, 1500, W, 0),
+            d(BUF + 0x10000, 1500, 0, 0), // device-readable: malformed for RX
+            d(BUF + 0x20000, 1500, W, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(4000, 1)]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    rx.abandon_pending(&mut q);
+    // Completed: exactly the chains taken and not given back, each once.
+    let taken: Vec<u32> = (0..q.next_avail())
+        .map(|i| {
+            let slot = vq.avail_addr().0 + 4 + 2 * u64::from(i % QSIZE);
+            u32::from(m.read_obj::<u16>(GuestAddress(slot)).unwrap())
+        })
+        .collect();
+    let mut completed: Vec<u32> = used(&m, &q).iter().map(|e| e.0).collect();
+    completed.sort_unstable();
+    assert_eq!(
+        completed, taken,
+        "the used ring must hold exactly the chains taken and not given back"
+    );
+    // The frame cannot be placed around the malformed chain: it is dropped and counted, its
+    // buffers completed empty.
+    assert_eq!((r.counts.dropped, r.counts.bad_chains), (1, 1));
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0)]);
+    // The next frame uses the next buffers.
+    rx_setup(&m, &vq, &[1500], 3);
+    tap.rx.push_back(frame(2500, 2));
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1);
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 1500), (3, 1012)]);
+}
+
+#[test]
 fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
     let m = mem();
     let vq = MockSplitQueue::new(&m, QSIZE);
@@ -581,6 +655,28 @@ fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
     let r = RxPath::new().run(&mut q, &m, &mut tap, hdr, 256);
     assert_eq!((r.counts.dropped, r.counts.packets), (1, 1));
     assert_eq!(used(&m, &q), vec![(0, ok.len() as u32)]);
+}
+
+#[test]
+fn rx_control_frames_from_the_tap_count_against_the_budget() {
+    // Found by the `datapath` fuzz target. Control frames arriving from the tap are dropped
+    // (nobody outside may forge a control reply); a host flooding them must not keep one RX
+    // run reading for as long as the tap has frames.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048; 4], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut ctl = frame(60, 1);
+    ctl[24..26].copy_from_slice(&[0x88, 0xb5]);
+    let mut tap = FakeTap {
+        rx: std::iter::repeat_n(ctl, 100).collect(),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+    assert_eq!(r.counts.control, 8, "{r:?}");
+    assert_eq!(tap.rx.len(), 92, "read no more than the budget");
+    assert!(r.more);
+    assert!(used(&m, &q).is_empty());
 }
 
 #[test]
