@@ -5,11 +5,17 @@
 //! 0 and counted instead of being trusted. Frames move with one `readv`/`writev` per packet
 //! straight between the tap and guest buffers; only RX frames larger than the first mergeable
 //! buffer take a second copy out of a per-queue scratch buffer allocated once.
+//!
+//! Every loop the guest drives is bounded: a run moves at most a budget of chains (good or bad)
+//! and walks at most [`RUN_DESC_BUDGET`] descriptors, a chain has at most [`MAX_CHAIN_DESCS`]
+//! descriptors (zero-length ones included), and a frame spans at most [`MAX_SEGMENTS`] chains.
+//! Nothing here logs per packet: problems are counted in [`PathCounts`], the last one kept in
+//! [`PathCounts::last_error`] for the caller's rate-limited log.
 
 use std::io;
 use std::os::fd::RawFd;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -17,6 +23,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 pub const BATCH_BUDGET: usize = 256;
 /// Most segments a chain may have (`UIO_MAXIOV`).
 pub const MAX_SEGMENTS: usize = 1024;
+/// Most descriptors a chain may have, zero-length ones included: a longer chain (a 65,535-entry
+/// indirect table, say) is rejected after this many, not walked to its end.
+pub const MAX_CHAIN_DESCS: usize = 1024;
+/// Most descriptors one TX or RX run walks (it stops after the chain that crosses it, with work
+/// left): a guest posting long chains cannot hold a worker and its ring locks for longer than
+/// this many descriptor reads.
+pub const RUN_DESC_BUDGET: usize = 16 * 1024;
 /// Largest frame the tap can hand us: 64 KiB GSO payload + headers + virtio-net header.
 pub const MAX_FRAME: usize = 65536 + 256;
 
@@ -95,13 +108,34 @@ fn prefetch_at(iov: &[libc::iovec], mut offset: usize) {
     }
 }
 
-/// Whether the frame in `iov` (after a virtio-net header of `hdr_len` bytes, `len` bytes in
-/// all) carries the control EtherType.
-fn is_control(iov: &[libc::iovec], hdr_len: usize, len: usize) -> bool {
-    let mut et = [0u8; 2];
-    len >= hdr_len + 14
-        && peek_iov(iov, hdr_len + 12, &mut et) == 2
-        && u16::from_be_bytes(et) == control_msg::ETHERTYPE
+/// VLAN tag protocol identifiers a control frame may hide behind (802.1Q, 802.1ad, and the
+/// old QinQ value).
+const VLAN_TPIDS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
+/// Most VLAN tags looked through (802.1ad: an outer and an inner tag).
+const MAX_VLAN_TAGS: usize = 2;
+
+/// Where the control EtherType is in the frame in `iov` (after a virtio-net header of `hdr_len`
+/// bytes, `len` bytes in all): its offset in the Ethernet frame, 12 untagged, 16 or 20 behind
+/// VLAN tags; `None` if it is not a control frame. Tags count because Linux hands a tagged frame
+/// with no VLAN device to the untagged device's packet sockets: a forged reply must not get
+/// through by wearing a tag.
+fn control_at(iov: &[libc::iovec], hdr_len: usize, len: usize) -> Option<usize> {
+    let mut off = 12;
+    for _ in 0..=MAX_VLAN_TAGS {
+        let mut et = [0u8; 2];
+        if len < hdr_len + off + 2 || peek_iov(iov, hdr_len + off, &mut et) != 2 {
+            return None;
+        }
+        let et = u16::from_be_bytes(et);
+        if et == control_msg::ETHERTYPE {
+            return Some(off);
+        }
+        if !VLAN_TPIDS.contains(&et) {
+            return None;
+        }
+        off += 4;
+    }
+    None
 }
 
 /// The guest's `used_event` (EVENT_IDX), read from the avail ring.
@@ -186,6 +220,24 @@ pub enum ChainError {
     TooShort,
     /// More segments than `MAX_SEGMENTS`.
     TooManySegments,
+    /// More descriptors than `MAX_CHAIN_DESCS`.
+    TooManyDescriptors,
+}
+
+/// A per-packet problem a run met, kept for the caller's rate-limited log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// A malformed chain: its head and why.
+    Chain {
+        /// Head descriptor index.
+        head: u16,
+        /// What was wrong.
+        error: ChainError,
+    },
+    /// The guest's avail index is more than a ring's size ahead of the device's.
+    AvailIndex,
+    /// The tap refused a frame or failed a read.
+    Tap(io::ErrorKind),
 }
 
 /// Counters one data-path call adds up; the caller folds them into shared metrics once.
@@ -207,6 +259,10 @@ pub struct PathCounts {
     /// Control frames (EtherType 0x88B5): consumed from the guest on TX, dropped from the tap
     /// on RX. Never forwarded.
     pub control: u64,
+    /// Times the guest's avail index was found corrupt (the ring reads as empty).
+    pub bad_avail: u64,
+    /// The last problem met (malformed chain, corrupt avail index, tap error), if any.
+    pub last_error: Option<PathError>,
 }
 
 impl PathCounts {
@@ -219,6 +275,23 @@ impl PathCounts {
         self.dropped += o.dropped;
         self.tap_errors += o.tap_errors;
         self.control += o.control;
+        self.bad_avail += o.bad_avail;
+        self.last_error = o.last_error.or(self.last_error);
+    }
+
+    /// Problems worth a log line: malformed chains, corrupt avail indices, tap errors.
+    pub fn problems(&self) -> u64 {
+        self.bad_chains + self.bad_avail + self.tap_errors
+    }
+
+    fn bad_chain(&mut self, head: u16, error: ChainError) {
+        self.bad_chains += 1;
+        self.last_error = Some(PathError::Chain { head, error });
+    }
+
+    fn tap_error(&mut self, e: &io::Error) {
+        self.tap_errors += 1;
+        self.last_error = Some(PathError::Tap(e.kind()));
     }
 }
 
@@ -271,21 +344,29 @@ type Seg = (u64, u32);
 ///
 /// At most `max_segs` iovecs are added for this chain (the kernel takes at most `MAX_SEGMENTS`
 /// per `readv`/`writev`); `iov` may already hold other chains' iovecs, which do not count.
+/// Every descriptor read is added to `walked`; past [`MAX_CHAIN_DESCS`] the chain is rejected.
 fn collect_chain<M: GuestMemoryBackend>(
     mem: &M,
-    chain: virtio_queue::DescriptorChain<&M>,
+    chain: DescriptorChain<&M>,
     writable: bool,
     iov: &mut Vec<libc::iovec>,
     segs: Option<&mut Vec<Seg>>,
     max_segs: usize,
+    walked: &mut usize,
 ) -> Result<usize, ChainError> {
     let limit = iov.len() + max_segs;
     let mut total = 0usize;
     let mut last_has_next = true;
-    let mut any = false;
+    let mut descs = 0usize;
     let mut segs = segs;
+    // The avail entry and head count even when the chain yields no descriptor.
+    *walked += 1;
     for desc in chain {
-        any = true;
+        descs += 1;
+        *walked += 1;
+        if descs > MAX_CHAIN_DESCS {
+            return Err(ChainError::TooManyDescriptors);
+        }
         last_has_next = desc.has_next();
         if desc.is_write_only() != writable {
             return Err(ChainError::WrongDirection);
@@ -320,10 +401,30 @@ fn collect_chain<M: GuestMemoryBackend>(
         }
         total += len;
     }
-    if !any || last_has_next {
+    if descs == 0 || last_has_next {
         return Err(ChainError::Truncated);
     }
     Ok(total)
+}
+
+/// The next available chain. A corrupt avail index (for which virtio-queue's
+/// `pop_descriptor_chain` logs an error on every call) is counted instead and reads as an
+/// empty ring.
+fn pop<'m, M: GuestMemoryBackend>(
+    q: &mut Queue,
+    mem: &'m M,
+    counts: &mut PathCounts,
+) -> Option<DescriptorChain<&'m M>> {
+    match q.iter(mem) {
+        Ok(mut chains) => chains.next(),
+        Err(e) => {
+            if matches!(e, virtio_queue::Error::InvalidAvailRingIndex) {
+                counts.bad_avail += 1;
+                counts.last_error = Some(PathError::AvailIndex);
+            }
+            None
+        }
+    }
 }
 
 /// Marks the first `len` bytes of the buffer formed by `segs` dirty in guest memory's log
@@ -389,7 +490,7 @@ pub fn should_notify<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, notify_on_em
 }
 
 /// The ring looked empty: re-enable notifications and say whether to look once more (buffers
-/// arrived meanwhile). `pop_descriptor_chain` also returns `None` for a corrupt avail index, for
+/// arrived meanwhile). [`pop`] also returns `None` for a corrupt avail index, for
 /// which `enable_notification` keeps reporting work; looking again only once per empty ring keeps
 /// a malicious guest from spinning the worker.
 fn next_after_empty<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, rechecked: &mut bool) -> bool {
@@ -477,34 +578,53 @@ impl TxPath {
         self.control.clear();
         let _ = q.disable_notification(mem);
         let mut rechecked = false;
+        let mut walked = 0usize;
         'steps: loop {
             let done = out.moved() as usize;
-            if done >= budget {
+            if done >= budget || walked >= RUN_DESC_BUDGET {
                 out.more = true;
                 break;
             }
             self.iov.clear();
             self.step.clear();
-            // A corrupt avail index makes `iter` fail: treated as an empty ring.
-            if let Ok(chains) = q.iter(mem) {
-                for chain in chains.take(TX_STEP.min(budget - done)) {
-                    let head = chain.head_index();
-                    let start = self.iov.len();
-                    let res = collect_chain(mem, chain, false, &mut self.iov, None, MAX_SEGMENTS)
+            // A corrupt avail index makes `iter` fail: counted, treated as an empty ring.
+            match q.iter(mem) {
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                    out.counts.bad_avail += 1;
+                    out.counts.last_error = Some(PathError::AvailIndex);
+                }
+                Err(_) => {}
+                Ok(chains) => {
+                    for chain in chains.take(TX_STEP.min(budget - done)) {
+                        let head = chain.head_index();
+                        let start = self.iov.len();
+                        let res = collect_chain(
+                            mem,
+                            chain,
+                            false,
+                            &mut self.iov,
+                            None,
+                            MAX_SEGMENTS,
+                            &mut walked,
+                        )
                         .and_then(|n| hdr.fits(n));
-                    if res.is_err() {
-                        self.iov.truncate(start);
+                        if res.is_err() {
+                            self.iov.truncate(start);
+                        }
+                        let end = self.iov.len();
+                        if res.is_ok() {
+                            prefetch_at(&self.iov[start..end], hdr.len + 12);
+                        }
+                        self.step.push(TxChain {
+                            head,
+                            start,
+                            end,
+                            res,
+                        });
+                        if walked >= RUN_DESC_BUDGET {
+                            break;
+                        }
                     }
-                    let end = self.iov.len();
-                    if res.is_ok() {
-                        prefetch_at(&self.iov[start..end], hdr.len + 12);
-                    }
-                    self.step.push(TxChain {
-                        head,
-                        start,
-                        end,
-                        res,
-                    });
                 }
             }
             if self.step.is_empty() {
@@ -522,20 +642,23 @@ impl TxPath {
             for k in 0..n {
                 let c = self.step[k];
                 match c.res {
-                    Err(e) => {
-                        tracing::debug!(head = c.head, ?e, "rejecting TX chain");
-                        out.counts.bad_chains += 1;
-                    }
-                    Ok(total) if is_control(&self.iov[c.start..c.end], hdr.len, total) => {
+                    Err(e) => out.counts.bad_chain(c.head, e),
+                    Ok(total)
+                        if control_at(&self.iov[c.start..c.end], hdr.len, total).is_some() =>
+                    {
                         out.counts.control += 1;
                         if self.control.len() < CONTROL_INBOX {
+                            let iov = &self.iov[c.start..c.end];
+                            let off = control_at(iov, hdr.len, total).unwrap_or(12);
+                            // The addresses, then the EtherType and payload: VLAN tags are
+                            // left out (the reply goes back untagged on this port).
                             let mut f = ControlFrame {
                                 data: [0; CONTROL_KEEP],
                                 len: 0,
                             };
-                            let len = (total - hdr.len).min(CONTROL_KEEP);
-                            f.len =
-                                peek_iov(&self.iov[c.start..c.end], hdr.len, &mut f.data[..len]);
+                            f.len = peek_iov(iov, hdr.len, &mut f.data[..12]);
+                            let rest = (total - hdr.len - off).min(CONTROL_KEEP - 12);
+                            f.len += peek_iov(iov, hdr.len + off, &mut f.data[12..12 + rest]);
                             self.control.push(f);
                         } else {
                             out.counts.dropped += 1;
@@ -553,9 +676,8 @@ impl TxPath {
                             break 'steps;
                         }
                         Err(e) => {
-                            tracing::debug!(head = c.head, %e, "tap refused a TX frame");
                             out.counts.dropped += 1;
-                            out.counts.tap_errors += 1;
+                            out.counts.tap_error(&e);
                         }
                     },
                 }
@@ -605,6 +727,17 @@ pub enum DeliverError {
     NoBuffer,
     /// The next buffer is too small for the frame.
     TooSmall,
+    /// The next chain was malformed (completed empty and counted); try again.
+    BadChain,
+}
+
+/// Why placing a pending frame stopped before it was whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// The guest has no more RX buffers.
+    NoBuffers,
+    /// The run's descriptor budget ran out.
+    Budget,
 }
 
 /// Tap → guest.
@@ -673,9 +806,10 @@ impl RxPath {
     }
 
     /// Puts a frame made by the device itself (a control reply: Ethernet header + payload) into
-    /// the next RX chain. Fails without side effects while a tap frame is half placed or when
-    /// the guest has no buffer (the caller keeps the frame for later); a chain too small for the
-    /// frame is given back and the frame refused.
+    /// the next RX chain, looking at one chain at most. Fails without side effects while a tap
+    /// frame is half placed or when the guest has no buffer (the caller keeps the frame for
+    /// later); a chain too small for the frame is given back and the frame refused; a malformed
+    /// chain is completed empty and counted ([`DeliverError::BadChain`]: try again).
     pub fn deliver<M: GuestMemoryBackend>(
         &mut self,
         q: &mut Queue,
@@ -687,49 +821,49 @@ impl RxPath {
         if self.pending.is_some() {
             return Err(DeliverError::Busy);
         }
-        loop {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                return Err(DeliverError::NoBuffer);
-            };
-            let head = chain.head_index();
-            self.iov.clear();
-            self.segs.clear();
-            match collect_chain(
-                mem,
-                chain,
-                true,
-                &mut self.iov,
-                Some(&mut self.segs),
-                MAX_SEGMENTS,
-            ) {
-                Ok(cap) if cap >= hdr.len + frame.len() => {
-                    let mut h = [0u8; 12];
-                    if hdr.len == 12 {
-                        h[10] = 1;
-                    }
-                    if !write_segs(mem, &self.segs, 0, &h[..hdr.len])
-                        || !write_segs(mem, &self.segs, hdr.len, frame)
-                    {
-                        counts.bad_chains += 1;
-                    }
-                    if q.add_used(mem, head, (hdr.len + frame.len()) as u32)
-                        .is_ok()
-                    {
-                        counts.used += 1;
-                    }
-                    return Ok(());
+        let Some(chain) = pop(q, mem, counts) else {
+            return Err(DeliverError::NoBuffer);
+        };
+        let head = chain.head_index();
+        self.iov.clear();
+        self.segs.clear();
+        let mut walked = 0;
+        match collect_chain(
+            mem,
+            chain,
+            true,
+            &mut self.iov,
+            Some(&mut self.segs),
+            MAX_SEGMENTS,
+            &mut walked,
+        ) {
+            Ok(cap) if cap >= hdr.len + frame.len() => {
+                let mut h = [0u8; 12];
+                if hdr.len == 12 {
+                    h[10] = 1;
                 }
-                Ok(_) => {
-                    unpop(q);
-                    return Err(DeliverError::TooSmall);
+                if !write_segs(mem, &self.segs, 0, &h[..hdr.len])
+                    || !write_segs(mem, &self.segs, hdr.len, frame)
+                {
+                    counts.bad_chain(head, ChainError::OutOfMemory);
                 }
-                Err(e) => {
-                    tracing::debug!(head, ?e, "rejecting RX chain");
-                    counts.bad_chains += 1;
-                    if q.add_used(mem, head, 0).is_ok() {
-                        counts.used += 1;
-                    }
+                if q.add_used(mem, head, (hdr.len + frame.len()) as u32)
+                    .is_ok()
+                {
+                    counts.used += 1;
                 }
+                Ok(())
+            }
+            Ok(_) => {
+                unpop(q);
+                Err(DeliverError::TooSmall)
+            }
+            Err(e) => {
+                counts.bad_chain(head, e);
+                if q.add_used(mem, head, 0).is_ok() {
+                    counts.used += 1;
+                }
+                Err(DeliverError::BadChain)
             }
         }
     }
@@ -746,25 +880,34 @@ impl RxPath {
         let mut out = RxRun::default();
         let _ = q.disable_notification(mem);
         let mut rechecked = false;
+        let mut walked = 0usize;
         loop {
             if let Some(p) = self.pending.take() {
-                match self.place_rest(q, mem, p, hdr, &mut out.counts) {
+                match self.place_rest(q, mem, p, hdr, &mut out.counts, &mut walked) {
                     Ok(()) => {}
-                    Err(p) => {
+                    Err((p, stall)) => {
                         self.pending = Some(p);
-                        out.no_buffers = true;
+                        match stall {
+                            Stall::NoBuffers => out.no_buffers = true,
+                            Stall::Budget => out.more = true,
+                        }
                         break;
                     }
                 }
             }
             // Every frame read counts, control frames too: a host flooding them must not hold
             // the worker in one run.
-            if out.counts.packets + out.counts.dropped + out.counts.control >= budget as u64 {
+            // Every frame read counts, control frames too, and every malformed chain: a host
+            // flooding control frames or a guest posting bad chains must not hold the worker.
+            let c = &out.counts;
+            if c.packets + c.dropped + c.control + c.bad_chains >= budget as u64
+                || walked >= RUN_DESC_BUDGET
+            {
                 out.more = true;
                 break;
             }
             let start_avail = q.next_avail();
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop(q, mem, &mut out.counts) else {
                 if next_after_empty(q, mem, &mut rechecked) {
                     continue;
                 }
@@ -783,13 +926,13 @@ impl RxPath {
                 &mut self.iov,
                 Some(&mut self.segs),
                 MAX_SEGMENTS - 1,
+                &mut walked,
             )
             .and_then(|n| hdr.fits(n))
             {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::debug!(head, ?e, "rejecting RX chain");
-                    out.counts.bad_chains += 1;
+                    out.counts.bad_chain(head, e);
                     if q.add_used(mem, head, 0).is_ok() {
                         out.counts.used += 1;
                     }
@@ -806,8 +949,7 @@ impl RxPath {
                 Err(e) => {
                     unpop(q);
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!(%e, "tap read failed");
-                        out.counts.tap_errors += 1;
+                        out.counts.tap_error(&e);
                     }
                     out.tap_empty = true;
                     break;
@@ -819,7 +961,7 @@ impl RxPath {
                 out.counts.dropped += 1;
                 continue;
             }
-            if is_control(&self.iov, hdr.len, n) {
+            if control_at(&self.iov, hdr.len, n).is_some() {
                 // Nobody outside may forge control replies: drop, reuse the chain.
                 unpop(q);
                 out.counts.control += 1;
@@ -830,7 +972,7 @@ impl RxPath {
             }
             if n <= cap {
                 if hdr.len == 12 && !write_segs(mem, &self.segs, 10, &1u16.to_le_bytes()) {
-                    out.counts.bad_chains += 1;
+                    out.counts.bad_chain(head, ChainError::OutOfMemory);
                 }
                 if q.add_used(mem, head, n as u32).is_ok() {
                     out.counts.used += 1;
@@ -861,7 +1003,8 @@ impl RxPath {
     }
 
     /// Places the rest of a pending frame into further chains and publishes it; gives the
-    /// frame back if the guest runs out of buffers first. A malformed chain drops the frame
+    /// frame back if the guest runs out of buffers or the run out of descriptor budget
+    /// (`walked`) first. A malformed chain drops the frame
     /// (its chains are completed empty, like the malformed one): completing that chain alone
     /// while holding the earlier ones would let `abandon_pending` give it back to the ring
     /// although the guest already has it.
@@ -872,14 +1015,18 @@ impl RxPath {
         mut p: PendingRx,
         hdr: HdrLayout,
         counts: &mut PathCounts,
-    ) -> Result<(), PendingRx> {
+        walked: &mut usize,
+    ) -> Result<(), (PendingRx, Stall)> {
         let mut rechecked = false;
         while p.filled < p.len {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            if *walked >= RUN_DESC_BUDGET {
+                return Err((p, Stall::Budget));
+            }
+            let Some(chain) = pop(q, mem, counts) else {
                 if next_after_empty(q, mem, &mut rechecked) {
                     continue;
                 }
-                return Err(p);
+                return Err((p, Stall::NoBuffers));
             };
             rechecked = false;
             let head = chain.head_index();
@@ -892,19 +1039,26 @@ impl RxPath {
                 &mut self.iov,
                 Some(&mut self.seg_scratch),
                 MAX_SEGMENTS,
-            ) {
-                Ok(cap) if cap > 0 => {
+                walked,
+            )
+            .and_then(|n| {
+                if n > 0 {
+                    Ok(n)
+                } else {
+                    Err(ChainError::TooShort)
+                }
+            }) {
+                Ok(cap) => {
                     let take = cap.min(p.len - p.filled);
                     let from = p.filled - p.first_len;
                     if !write_segs(mem, &self.seg_scratch, 0, &self.scratch[from..from + take]) {
-                        counts.bad_chains += 1;
+                        counts.bad_chain(head, ChainError::OutOfMemory);
                     }
                     self.extra.push((head, take as u32));
                     p.filled += take;
                 }
-                other => {
-                    tracing::debug!(head, ?other, "rejecting RX chain; dropping the frame");
-                    counts.bad_chains += 1;
+                Err(e) => {
+                    counts.bad_chain(head, e);
                     counts.dropped += 1;
                     let held = std::iter::once(p.first).chain(self.extra.iter().map(|e| e.0));
                     for h in held.chain(std::iter::once(head)) {
@@ -918,7 +1072,7 @@ impl RxPath {
         }
         let nbuf = (1 + self.extra.len()) as u16;
         if !write_segs(mem, &self.first_segs, 10, &nbuf.to_le_bytes()) {
-            counts.bad_chains += 1;
+            counts.bad_chain(p.first, ChainError::OutOfMemory);
         }
         if q.add_used(mem, p.first, p.first_len as u32).is_ok() {
             counts.used += 1;

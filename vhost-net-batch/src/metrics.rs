@@ -73,8 +73,10 @@ macro_rules! queue_counters {
             pub tx_batches: Histogram,
         }
 
-        /// Plain counters of one queue pair, for reports.
+        /// Plain counters of one queue pair, for reports (counters a peer does not know read
+        /// as zero).
         #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+        #[serde(default)]
         pub struct QueueSnapshot {
             $($(#[doc = $doc])* pub $name: u64,)*
             /// Packets per RX interrupt flush.
@@ -153,6 +155,8 @@ queue_counters! {
     tx_flush_frame_cap,
     /// Control frames the guest sent on this queue (consumed, never forwarded).
     control_frames,
+    /// Times the guest's avail index was found more than a ring ahead (the ring read as empty).
+    bad_avail_index,
 }
 
 impl QueueStats {
@@ -163,6 +167,7 @@ impl QueueStats {
         self.tx_bad_chains.fetch_add(c.bad_chains, Relaxed);
         self.tx_dropped.fetch_add(c.dropped, Relaxed);
         self.tap_errors.fetch_add(c.tap_errors, Relaxed);
+        self.bad_avail_index.fetch_add(c.bad_avail, Relaxed);
         if c.control > 0 {
             self.control_frames.fetch_add(c.control, Relaxed);
         }
@@ -186,6 +191,44 @@ impl QueueStats {
         self.rx_bad_chains.fetch_add(c.bad_chains, Relaxed);
         self.rx_dropped.fetch_add(c.dropped, Relaxed);
         self.tap_errors.fetch_add(c.tap_errors, Relaxed);
+        self.bad_avail_index.fetch_add(c.bad_avail, Relaxed);
+    }
+}
+
+/// Lines per second one VM may log about problems its guest or frontend causes; more are
+/// counted and the next line logged says how many were suppressed.
+pub const LOG_LINES_PER_SEC: u64 = 5;
+
+/// A per-VM budget of log lines ([`LOG_LINES_PER_SEC`]), shared by the VM's threads, so that
+/// nothing a guest or frontend does can flood the host's log.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    second: AtomicU64,
+    lines: AtomicU64,
+    since_last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    /// Whether a line may be logged at `now_ns` (any monotonic clock): `Some(n)` if so, `n`
+    /// being the lines suppressed since the last one logged; `None` (counted) if not.
+    pub fn allow(&self, now_ns: u64) -> Option<u64> {
+        let sec = now_ns / 1_000_000_000 + 1;
+        if self.second.swap(sec, Relaxed) != sec {
+            self.lines.store(0, Relaxed);
+        }
+        if self.lines.fetch_add(1, Relaxed) < LOG_LINES_PER_SEC {
+            Some(self.since_last.swap(0, Relaxed))
+        } else {
+            self.since_last.fetch_add(1, Relaxed);
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+
+    /// Lines suppressed so far.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Relaxed)
     }
 }
 
@@ -204,6 +247,8 @@ pub struct VmMetrics {
     /// Connections ended because the frontend's guest memory went away under the backend
     /// (a memfd truncated after SET_MEM_TABLE: SIGBUS caught).
     pub memory_faults: AtomicU64,
+    /// The VM's log-line budget.
+    pub log: LogLimiter,
 }
 
 /// VM-wide counters, for reports.
@@ -217,11 +262,14 @@ pub struct VmCounters {
     pub panics: u64,
     /// Connections ended by a guest memory fault.
     pub memory_faults: u64,
+    /// Log lines suppressed by the per-VM budget.
+    #[serde(default)]
+    pub log_suppressed: u64,
 }
 
 impl VmCounters {
     /// `(name, value, help)` of every counter, for exporters.
-    pub fn counters(&self) -> [(&'static str, u64, &'static str); 4] {
+    pub fn counters(&self) -> [(&'static str, u64, &'static str); 5] {
         [
             ("connections", self.connections, "Frontend connections accepted"),
             (
@@ -234,6 +282,11 @@ impl VmCounters {
                 "memory_faults",
                 self.memory_faults,
                 "Connections ended because the frontend's guest memory went away (SIGBUS caught)",
+            ),
+            (
+                "log_suppressed",
+                self.log_suppressed,
+                "Log lines about the VM suppressed by its budget of a few lines per second",
             ),
         ]
     }
@@ -248,6 +301,7 @@ impl VmMetrics {
             refused_peers: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             memory_faults: AtomicU64::new(0),
+            log: LogLimiter::default(),
         }
     }
 
@@ -258,6 +312,7 @@ impl VmMetrics {
             refused_peers: self.refused_peers.load(Relaxed),
             panics: self.panics.load(Relaxed),
             memory_faults: self.memory_faults.load(Relaxed),
+            log_suppressed: self.log.suppressed(),
         }
     }
 
@@ -296,5 +351,22 @@ mod tests {
             .counters()
             .iter()
             .any(|(n, v, h)| *n == "tx_kicks" && *v == 7 && h.contains("kicks")));
+    }
+
+    #[test]
+    fn the_log_budget_allows_a_few_lines_per_second_and_reports_the_rest() {
+        let l = LogLimiter::default();
+        let s = 1_000_000_000u64;
+        let allowed = (0..100)
+            .filter(|i| l.allow(5 * s + i * 1000).is_some())
+            .count();
+        assert_eq!(allowed as u64, LOG_LINES_PER_SEC);
+        assert_eq!(l.suppressed(), 100 - LOG_LINES_PER_SEC);
+        // The next second's first line carries the count of the lines suppressed before it.
+        assert_eq!(l.allow(6 * s), Some(100 - LOG_LINES_PER_SEC));
+        assert_eq!(l.allow(6 * s + 1), Some(0));
+        // A clock starting at zero is a second like any other.
+        let z = LogLimiter::default();
+        assert_eq!(z.allow(0), Some(0));
     }
 }

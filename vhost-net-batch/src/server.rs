@@ -219,25 +219,36 @@ impl VmSlot {
                     }
                     self.metrics.connections.fetch_add(1, Relaxed);
                     self.charge_energy_to(&stream);
-                    tracing::info!(vm = %self.cfg.name, "frontend connected");
+                    // A frontend reconnecting in a loop must not flood the log: one budget
+                    // decision per connection covers its lines.
+                    let loud = self.metrics.log.allow(crate::timer::now_ns()).is_some();
+                    if loud {
+                        tracing::info!(vm = %self.cfg.name, "frontend connected");
+                    }
                     // A panic while serving one connection ends that connection, never the slot.
                     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         self.serve_connection(stream)
                     }));
                     match served {
-                        Ok(Ok(())) => {
+                        Ok(Ok(())) if loud => {
                             tracing::info!(vm = %self.cfg.name, "frontend disconnected; listening again")
                         }
-                        Ok(Err(e)) => {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) if loud => {
                             tracing::warn!(vm = %self.cfg.name, %e, "frontend connection ended with an error; listening again")
                         }
+                        Ok(Err(_)) => {}
                         Err(_) => {
                             self.metrics.panics.fetch_add(1, Relaxed);
-                            tracing::error!(vm = %self.cfg.name, "serving the frontend panicked; listening again");
+                            if loud {
+                                tracing::error!(vm = %self.cfg.name, "serving the frontend panicked; listening again");
+                            }
                         }
                     }
-                    let t = self.metrics.total();
-                    tracing::info!(vm = %self.cfg.name, ?t, "counters");
+                    if loud {
+                        let t = self.metrics.total();
+                        tracing::info!(vm = %self.cfg.name, ?t, "counters");
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -255,7 +266,9 @@ impl VmSlot {
             Ok(peer) if self.access.allows(&peer) => true,
             peer => {
                 self.metrics.refused_peers.fetch_add(1, Relaxed);
-                tracing::warn!(vm = %self.cfg.name, ?peer, "refused a frontend: not root, not the daemon's user, not in the socket's group");
+                if self.metrics.log.allow(crate::timer::now_ns()).is_some() {
+                    tracing::warn!(vm = %self.cfg.name, ?peer, "refused a frontend: not root, not the daemon's user, not in the socket's group");
+                }
                 false
             }
         }

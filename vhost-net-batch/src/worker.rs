@@ -386,6 +386,7 @@ impl Worker {
         );
         self.tx_blocked = r.blocked;
         s.ctx.stats.add_tx(&r.counts);
+        report(s, "TX", &r.counts);
         let moved = r.moved();
         if moved > 0 {
             self.tx_idle = 0;
@@ -410,7 +411,9 @@ impl Worker {
             }
             if self.tx_held {
                 if let Err(e) = self.tx_timer.arm(s.delays.tx_ns) {
-                    tracing::warn!(vm = %s.ctx.vm, %e, "cannot arm the TX timer");
+                    if s.ctx.metrics.log.allow(s.now).is_some() {
+                        tracing::warn!(vm = %s.ctx.vm, %e, "cannot arm the TX timer");
+                    }
                 }
             }
         } else if self.tx_held && !r.blocked && !r.more {
@@ -451,7 +454,10 @@ impl Worker {
         for f in &self.tx.control {
             let mut out = [0u8; control_msg::MAX_FRAME_LEN];
             let (outcome, len) = s.ctx.batching.handle_control(f.bytes(), s.now, &mut out);
-            tracing::debug!(vm = %s.ctx.vm, ?outcome, "control frame");
+            if tracing::enabled!(tracing::Level::DEBUG) && s.ctx.metrics.log.allow(s.now).is_some()
+            {
+                tracing::debug!(vm = %s.ctx.vm, ?outcome, "control frame");
+            }
             if let Some(n) = len {
                 if self.outbox.len() < OUTBOX {
                     self.outbox.push((out, n));
@@ -470,6 +476,8 @@ impl Worker {
         let old_used = q.next_used();
         let mut counts = PathCounts::default();
         let mut replies_lost = 0;
+        // A malformed chain in front of a reply: try again next round (bounded by MAX_ROUNDS).
+        let mut retry = false;
         while let Some((f, n)) = self.outbox.first().copied() {
             match self.rx.deliver(q, s.mem, s.ctx.hdr, &f[..n], &mut counts) {
                 Ok(()) => {
@@ -479,6 +487,10 @@ impl Worker {
                 Err(DeliverError::TooSmall) => {
                     self.outbox.remove(0);
                     replies_lost += 1;
+                }
+                Err(DeliverError::BadChain) => {
+                    retry = true;
+                    break;
                 }
                 Err(DeliverError::Busy | DeliverError::NoBuffer) => break,
             }
@@ -496,6 +508,7 @@ impl Worker {
         }
         r.counts.add(&counts);
         s.ctx.stats.add_rx(&r.counts);
+        report(s, "RX", &r.counts);
         s.ctx.batching.count_control(r.counts.control, replies_lost);
         self.rx_unsignalled += (r.counts.packets + r.counts.bad_chains) as u32;
         if r.counts.used > 0 {
@@ -520,7 +533,9 @@ impl Worker {
                 }
                 RxSignal::Defer => {
                     if let Err(e) = self.rx_timer.arm(s.delays.rx_ns) {
-                        tracing::warn!(vm = %s.ctx.vm, %e, "cannot arm the RX timer");
+                        if s.ctx.metrics.log.allow(s.now).is_some() {
+                            tracing::warn!(vm = %s.ctx.vm, %e, "cannot arm the RX timer");
+                        }
                     }
                     if !self.rx_timer.is_armed() {
                         // The timer could not be armed: never leave completions unsignalled.
@@ -529,7 +544,7 @@ impl Worker {
                 }
             }
         }
-        r.more
+        r.more || retry
     }
 
     /// Signals deferred RX completions if the guest wants an interrupt; records the batch.
@@ -547,6 +562,25 @@ impl Worker {
         {
             s.ctx.stats.rx_interrupts.fetch_add(1, Relaxed);
         }
+    }
+}
+
+/// Logs the problems one run met (malformed chains, corrupt avail indices, tap errors), within
+/// the VM's log budget: they are counted in any case, and a guest cannot flood the log.
+fn report(s: &Step<'_>, dir: &str, c: &PathCounts) {
+    if c.problems() == 0 {
+        return;
+    }
+    if let Some(suppressed) = s.ctx.metrics.log.allow(s.now) {
+        tracing::warn!(
+            vm = %s.ctx.vm,
+            bad_chains = c.bad_chains,
+            bad_avail_index = c.bad_avail,
+            tap_errors = c.tap_errors,
+            last = ?c.last_error,
+            suppressed,
+            "{dir}: the guest's ring or the tap failed (counted; lines suppressed since the last one: {suppressed})"
+        );
     }
 }
 

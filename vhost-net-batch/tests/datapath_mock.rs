@@ -4,7 +4,8 @@ use std::collections::VecDeque;
 use std::io;
 
 use vhost_net_batch::datapath::{
-    should_notify, HdrLayout, RxPath, TapIo, TxPath, CONTROL_INBOX, MAX_FRAME, MAX_SEGMENTS,
+    should_notify, ChainError, DeliverError, HdrLayout, PathError, RxPath, TapIo, TxPath,
+    CONTROL_INBOX, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS, RUN_DESC_BUDGET,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -827,4 +828,259 @@ fn corrupt_avail_index_does_not_spin_the_worker() {
         1,
         "nothing read without a buffer to put it in"
     );
+    // Counted (not logged by virtio-queue on every look at the ring).
+    assert!(r.counts.bad_avail >= 1, "{r:?}");
+    assert_eq!(r.counts.last_error, Some(PathError::AvailIndex));
+}
+
+/// Writes an indirect table of `n` chained descriptors of `len` bytes each at `table`, the k-th
+/// at `buf + k·len` (zero-length ones all at `buf`), with `flags` (W for RX) on each.
+fn indirect_table(m: &GuestMemoryMmap<()>, table: u64, n: u32, len: u32, buf: u64, flags: u16) {
+    let mut t = Vec::with_capacity(16 * n as usize);
+    for k in 0..n {
+        let last = k + 1 == n;
+        let f = if last { flags } else { flags | N };
+        let desc = SplitDescriptor::new(buf + u64::from(k * len), len, f, (k + 1) as u16);
+        t.extend_from_slice(vm_memory::ByteValued::as_slice(&RawDescriptor::from(desc)));
+    }
+    m.write_slice(&t, GuestAddress(table)).unwrap();
+}
+
+#[test]
+fn rx_malformed_chains_count_against_the_budget() {
+    // A guest that refills its ring with bad chains must not keep one run going.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let mut descs: Vec<_> = (0..100).map(|_| d(BUF, 2048, 0, 0)).collect(); // read-only
+    descs.push(d(BUF, 2048, W, 0));
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(100, 1)]),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+    assert_eq!(r.counts.bad_chains, 8, "{r:?}");
+    assert!(r.more);
+    assert_eq!(q.next_avail(), 8);
+    assert_eq!(
+        r.counts.last_error,
+        Some(PathError::Chain {
+            head: 7,
+            error: ChainError::WrongDirection
+        })
+    );
+}
+
+#[test]
+fn a_65535_entry_indirect_table_is_refused_after_max_chain_descs_both_ways() {
+    // The most descriptor reads one avail entry can ask for: an indirect table of 65,535
+    // zero-length descriptors. Each chain is refused after MAX_CHAIN_DESCS of them, and one run
+    // stops after RUN_DESC_BUDGET descriptors with work left, however many such chains wait.
+    let m = mem();
+    let table = BUF + 0x20_0000;
+    for (rx, flags) in [(true, W), (false, 0)] {
+        indirect_table(&m, table, 65_535, 0, BUF, flags);
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let heads = vec![0u16; 100];
+        publish(
+            &m,
+            &vq,
+            &[(0, d(table, 16 * 65_535, VRING_DESC_F_INDIRECT as u16, 0))],
+            &heads,
+        );
+        let mut q: Queue = vq.create_queue().unwrap();
+        let counts = if rx {
+            let mut tap = FakeTap {
+                rx: VecDeque::from([frame(100, 1)]),
+                ..Default::default()
+            };
+            let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+            assert!(r.more, "{r:?}");
+            r.counts
+        } else {
+            let mut tap = FakeTap::default();
+            let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+            assert!(r.more, "{r:?}");
+            assert!(tap.tx.is_empty());
+            r.counts
+        };
+        let per_run = (RUN_DESC_BUDGET / MAX_CHAIN_DESCS) as u64;
+        assert!(
+            counts.bad_chains >= per_run && counts.bad_chains <= per_run + 1,
+            "rx {rx}: {} chains walked in one run",
+            counts.bad_chains
+        );
+        assert_eq!(
+            counts.last_error,
+            Some(PathError::Chain {
+                head: 0,
+                error: ChainError::TooManyDescriptors
+            }),
+            "rx {rx}"
+        );
+        assert_eq!(counts.used, counts.bad_chains);
+    }
+}
+
+#[test]
+fn a_chain_of_max_chain_descs_is_still_accepted() {
+    // The limit is not off by one: exactly MAX_CHAIN_DESCS descriptors (some zero-length) make
+    // a good TX frame.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let table = BUF + 0x20_0000;
+    let n = MAX_CHAIN_DESCS as u32;
+    let f = frame(n as usize - 12, 4);
+    m.write_slice(&f, GuestAddress(BUF)).unwrap();
+    indirect_table(&m, table, n, 1, BUF, 0);
+    publish(
+        &m,
+        &vq,
+        &[(0, d(table, 16 * n, VRING_DESC_F_INDIRECT as u16, 0))],
+        &[0],
+    );
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+    assert_eq!((r.counts.packets, r.counts.bad_chains), (1, 0), "{r:?}");
+    assert_eq!(tap.tx, vec![f]);
+}
+
+#[test]
+fn rx_a_frame_over_long_chains_is_placed_over_several_runs() {
+    // A mergeable frame whose buffers are chains of 1000 one-byte descriptors: placing it walks
+    // more than one run's descriptor budget, so it is completed over several runs (each one
+    // returning with work left) instead of in one unbounded loop, and arrives whole.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    // (A first RX chain keeps one iovec for the scratch buffer: 1000 segments fit any chain.)
+    let per = 1000u32;
+    let chains = 40u32;
+    let data = BUF + 0x80_0000;
+    let mut descs = Vec::new();
+    for c in 0..chains {
+        let table = BUF + 0x20_0000 + u64::from(c) * 16 * u64::from(per);
+        indirect_table(&m, table, per, 1, data + u64::from(c * per), W);
+        descs.push((
+            c as u16,
+            d(table, 16 * per, VRING_DESC_F_INDIRECT as u16, 0),
+        ));
+    }
+    let heads: Vec<u16> = (0..chains as u16).collect();
+    publish(&m, &vq, &descs, &heads);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let f = frame(30_000, 5);
+    let mut tap = FakeTap {
+        rx: VecDeque::from([f.clone()]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    let mut runs = 0;
+    loop {
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        runs += 1;
+        if r.counts.packets == 1 {
+            break;
+        }
+        assert!(r.more && rx.has_pending(), "run {runs}: {r:?}");
+        assert!(runs < 10);
+    }
+    assert!(runs >= 2, "placed in one run");
+    let u = used(&m, &q);
+    let need = f.len().div_ceil(per as usize);
+    assert_eq!(u.len(), need);
+    let mut got = read_guest(&m, data, f.len());
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]) as usize, need);
+    got[10..12].copy_from_slice(&f[10..12]);
+    assert_eq!(got, f);
+}
+
+#[test]
+fn vlan_tagged_control_frames_are_filtered_both_ways() {
+    // Behind one or two VLAN tags the control EtherType still marks a control frame: from the
+    // guest it is consumed (the inbox gets it untagged), from the tap it is dropped, so that a
+    // forged reply cannot reach the guest's packet socket by wearing a tag.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let eth = |tags: &[[u8; 4]], et: [u8; 2], payload: &[u8]| {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x52, 0x54, 0, 0x77, 1, 2, 0x52, 0x54, 0, 0x77, 1, 3]);
+        for t in tags {
+            f.extend_from_slice(t);
+        }
+        f.extend_from_slice(&et);
+        f.extend_from_slice(payload);
+        f
+    };
+    let q1 = [0x81, 0x00, 0x00, 0x05];
+    let ad = [0x88, 0xa8, 0x00, 0x07];
+    let ctl_tagged = eth(&[q1], [0x88, 0xb5], b"VNB1 tagged");
+    let ctl_qinq = eth(&[ad, q1], [0x88, 0xb5], b"VNB1 double tagged");
+    let three = eth(&[ad, q1, q1], [0x88, 0xb5], b"three tags: not ours");
+    let tagged_ip = eth(&[q1], [0x08, 0x00], &[1; 46]);
+    let frames = [&ctl_tagged, &ctl_qinq, &three, &tagged_ip];
+    let mut descs = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let addr = BUF + 0x1000 * i as u64;
+        m.write_slice(f, GuestAddress(addr)).unwrap();
+        descs.push((i as u16, d(addr, f.len() as u32, 0, 0)));
+    }
+    publish(&m, &vq, &descs, &[0, 1, 2, 3]);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let mut tx = TxPath::new();
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+    assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
+    assert_eq!(tap.tx, vec![three.clone(), tagged_ip.clone()]);
+    let untag = |f: &[u8], off: usize| [&f[12..24], &f[off..]].concat();
+    let got: Vec<Vec<u8>> = tx.control.iter().map(|f| f.bytes().to_vec()).collect();
+    assert_eq!(got, vec![untag(&ctl_tagged, 28), untag(&ctl_qinq, 32)]);
+
+    // From the tap: both tagged control frames are dropped, the others delivered.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048; 8], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        rx: frames.iter().map(|f| f.to_vec()).collect(),
+        ..Default::default()
+    };
+    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
+    assert_eq!(
+        used(&m, &q),
+        vec![(0, three.len() as u32), (1, tagged_ip.len() as u32)]
+    );
+}
+
+#[test]
+fn deliver_looks_at_one_chain_and_completes_a_bad_one() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    vq.add_desc_chains(
+        &[
+            d(BUF, 2048, 0, 0),
+            d(BUF, 2048, 0, 0),
+            d(BUF + 0x1000, 2048, W, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut rx = RxPath::new();
+    let mut c = Default::default();
+    let reply = [7u8; 60];
+    for _ in 0..2 {
+        assert_eq!(
+            rx.deliver(&mut q, &m, HdrLayout::default(), &reply, &mut c),
+            Err(DeliverError::BadChain)
+        );
+    }
+    assert_eq!(
+        rx.deliver(&mut q, &m, HdrLayout::default(), &reply, &mut c),
+        Ok(())
+    );
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 72)]);
+    assert_eq!((c.bad_chains, c.used), (2, 3));
 }

@@ -28,7 +28,7 @@ use std::io;
 use libfuzzer_sys::fuzz_target;
 use vhost_net_batch::datapath::{
     free_buffers, release_kicks, should_notify, used_event, DeliverError, HdrLayout, PathCounts,
-    RxPath, TapIo, TxPath, CONTROL_INBOX, CONTROL_KEEP, MAX_FRAME, MAX_SEGMENTS,
+    RxPath, TapIo, TxPath, CONTROL_INBOX, CONTROL_KEEP, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -37,6 +37,24 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 const ETHERTYPE: [u8; 2] = control_msg::ETHERTYPE.to_be_bytes();
+
+/// Where the control EtherType is in `f` (a virtio-net header of `hdr` bytes, then the
+/// Ethernet frame), looking behind at most two VLAN tags (0x8100, 0x88a8, 0x9100): the offset in
+/// `f`, or `None` for any other frame.
+fn ctl_at(f: &[u8], hdr: usize) -> Option<usize> {
+    let mut et = hdr + 12;
+    for _ in 0..3 {
+        let t = f.get(et..et + 2)?;
+        if t == ETHERTYPE {
+            return Some(et);
+        }
+        if !matches!(u16::from_be_bytes([t[0], t[1]]), 0x8100 | 0x88a8 | 0x9100) {
+            return None;
+        }
+        et += 4;
+    }
+    None
+}
 
 // Guest-physical layout. Region 0 always starts at 0 and holds the rings.
 const RX_DESC: u64 = 0x0000;
@@ -377,7 +395,7 @@ impl Chain {
     /// The chain's length if the data path must accept it in direction `write` with at most
     /// `max_segs` iovecs (what `collect_chain` checks).
     fn valid(&self, s: &Snap, write: bool, max_segs: usize) -> Option<usize> {
-        if !self.terminated || self.descs.is_empty() {
+        if !self.terminated || self.descs.is_empty() || self.descs.len() > MAX_CHAIN_DESCS {
             return None;
         }
         let mut segs = 0;
@@ -783,8 +801,14 @@ impl World {
         let et = self.hdr.len + 12;
         if f.len() >= et + 2 {
             if control {
-                f[et..et + 2].copy_from_slice(&ETHERTYPE);
-            } else if f[et..et + 2] == ETHERTYPE {
+                // Untagged, or behind one or two VLAN tags, by the seed.
+                let tags = usize::from(seed % 3).min((f.len() - et - 2) / 4);
+                for k in 0..tags {
+                    let tpid: [u8; 2] = if k + 1 < tags { [0x88, 0xa8] } else { [0x81, 0x00] };
+                    f[et + 4 * k..et + 4 * k + 2].copy_from_slice(&tpid);
+                }
+                f[et + 4 * tags..et + 4 * tags + 2].copy_from_slice(&ETHERTYPE);
+            } else if ctl_at(&f, self.hdr.len).is_some() {
                 f[et] = 0x08;
             }
         }
@@ -923,9 +947,8 @@ impl World {
                 "op {op}: a {}-byte frame went to the tap",
                 f.len()
             );
-            let et = self.hdr.len + 12;
             assert!(
-                f.len() < et + 2 || f[et..et + 2] != ETHERTYPE,
+                ctl_at(f, self.hdr.len).is_none(),
                 "op {op}: a control frame went to the tap ({res:?})"
             );
         }
@@ -997,15 +1020,18 @@ impl World {
             };
             let frame = s.gather(&chain.descs).unwrap();
             assert_eq!(frame.len(), total);
-            let et = self.hdr.len + 12;
-            if frame.len() >= et + 2 && frame[et..et + 2] == ETHERTYPE {
+            if let Some(at) = ctl_at(&frame, self.hdr.len) {
                 assert!(k < took, "op {op}: TX blocked on a control frame");
                 ctl += 1;
                 if let Some(f) = control.next() {
-                    let want = &frame[self.hdr.len..(self.hdr.len + CONTROL_KEEP).min(frame.len())];
+                    // The addresses, then the EtherType and payload (VLAN tags left out).
+                    let h = self.hdr.len;
+                    let mut want = frame[h..h + 12].to_vec();
+                    want.extend_from_slice(&frame[at..]);
+                    want.truncate(CONTROL_KEEP);
                     assert_eq!(
                         f.bytes(),
-                        want,
+                        &want[..],
                         "op {op}: control frame {ctl} (head {head})"
                     );
                 }

@@ -143,6 +143,14 @@ pub fn test_features() -> u64 {
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
+/// Where the used ring of `q` lies: right after its avail ring, 4-byte aligned.
+/// virtio-queue's mock (0.18) reports one `size` bytes after the start of the avail ring's
+/// entries instead of `2·size`, i.e. inside the avail ring from entry `size/2` on: a guest
+/// posting more than half a ring there overwrites its own used index.
+pub fn used_ring_of(q: &MockSplitQueue<'_, GuestMemoryMmap<()>>) -> GuestAddress {
+    GuestAddress((q.avail_addr().0 + 6 + 2 * u64::from(QSIZE) + 3) & !3)
+}
+
 /// A configured frontend: memory table, two rings, call/kick eventfds.
 pub struct Guest<'a> {
     pub fe: Frontend,
@@ -222,7 +230,7 @@ impl<'a> Guest<'a> {
                     queue_size: QSIZE,
                     flags: 0,
                     desc_table_addr: host + q.desc_table_addr().0,
-                    used_ring_addr: host + q.used_addr().0,
+                    used_ring_addr: host + used_ring_of(q).0,
                     avail_ring_addr: host + q.avail_addr().0,
                     log_addr: None,
                 },
@@ -245,6 +253,11 @@ impl<'a> Guest<'a> {
         }
     }
 
+    /// The used ring of queue `q` (0 RX, 1 TX).
+    pub fn used_ring(&self, q: usize) -> GuestAddress {
+        used_ring_of(if q == 0 { &self.rx } else { &self.tx })
+    }
+
     /// A second handle on the frontend's socket (to see the backend close it).
     pub fn fe_socket(&self) -> std::os::unix::net::UnixStream {
         // SAFETY: the frontend's descriptor is valid while `self` lives; it is duplicated, so
@@ -255,11 +268,7 @@ impl<'a> Guest<'a> {
 
     /// Used ring entries (id, len) of queue `q` (0 RX, 1 TX).
     pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
-        let base = if q == 0 {
-            self.rx.used_addr().0
-        } else {
-            self.tx.used_addr().0
-        };
+        let base = self.used_ring(q).0;
         let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).unwrap();
         (0..idx as u64)
             .map(|i| {
@@ -327,21 +336,13 @@ impl<'a> Guest<'a> {
 
     /// The `flags` field of queue `q`'s used ring (bit 0: the device wants no kicks).
     pub fn used_flags(&self, q: usize) -> u16 {
-        let base = if q == 0 {
-            self.rx.used_addr()
-        } else {
-            self.tx.used_addr()
-        };
+        let base = self.used_ring(q);
         self.mem.read_obj(base).unwrap()
     }
 
     /// EVENT_IDX: the device's `avail_event` of queue `q` (the avail index it wants a kick at).
     pub fn avail_event(&self, q: usize) -> u16 {
-        let used = if q == 0 {
-            self.rx.used_addr()
-        } else {
-            self.tx.used_addr()
-        };
+        let used = self.used_ring(q);
         self.mem
             .read_obj(GuestAddress(used.0 + 4 + 8 * QSIZE as u64))
             .unwrap()

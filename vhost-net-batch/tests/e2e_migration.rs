@@ -1,0 +1,384 @@
+//! Live migration of a guest served by vhost-net-batch, end to end with two QEMU 10 processes on
+//! this machine: the source, and a destination started with `-incoming unix:`, each on its own
+//! VM (socket and tap) of one backend process. The taps share a bridge holding the host's
+//! address, so the guest keeps its IP and its peers.
+//!
+//! The guest is migrated while host→guest and guest→host UDP streams, a ping, a TCP stream and
+//! a file transfer into the guest run; then back again with batching at adaptive:1000 (no rate
+//! floor, so kicks are held while it moves). After each: the TCP stream is still up, the file's
+//! checksum in the guest matches the host's (nothing the backend wrote during the copy was
+//! missed by the dirty log), and the datagrams lost are counted and few.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const GUEST_IP: &str = "10.77.12.2";
+const HOST_IP: &str = "10.77.12.1";
+const MAC: &str = "52:54:00:77:01:02";
+
+/// A QMP connection.
+struct Qmp(BufReader<UnixStream>);
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let end = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("QMP {}: {e}", path.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut q = Qmp(BufReader::new(s));
+        q.line(); // greeting
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.0.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP said {l:?}: {e}"))
+    }
+
+    /// Sends a command and returns its `return` (events in between are skipped).
+    fn cmd(&mut self, c: &str) -> Value {
+        writeln!(self.0.get_mut(), "{c}").unwrap();
+        loop {
+            let v = self.line();
+            if let Some(r) = v.get("return") {
+                return r.clone();
+            }
+            assert!(v.get("error").is_none(), "QMP {c}: {v}");
+        }
+    }
+}
+
+/// Starts QEMU for the guest on `sock` with QMP on `qmp` and, for a destination, `-incoming`.
+fn qemu(sock: &Path, dir: &Path, tag: &str, incoming: Option<&Path>) -> (u32, PathBuf) {
+    let agent = dir.join(format!("{tag}.agent"));
+    let qmp = dir.join(format!("{tag}.qmp"));
+    let mut extra = format!("-qmp unix:{},server=on,wait=off", qmp.display());
+    if let Some(m) = incoming {
+        extra += &format!(" -incoming unix:{}", m.display());
+    }
+    let out = run_ok(
+        Command::new(repo().join("ci/qemu-run.sh"))
+            .args(["--vhost-user", sock.to_str().unwrap(), "--mac", MAC])
+            .args(["--ip", &format!("{GUEST_IP}/24"), "--reconnect-ms", "500"])
+            .args(["--agent", agent.to_str().unwrap()])
+            .args([
+                "--console-log",
+                dir.join(format!("{tag}.console")).to_str().unwrap(),
+            ])
+            .args(["--extra", &extra]),
+    );
+    (out.trim().parse().unwrap(), qmp)
+}
+
+/// Runs a command in the guest through the agent at `agent`.
+fn gexec(agent: &Path, cmd: &str) -> String {
+    run_ok(Command::new(repo().join("ci/gexec.py")).args([
+        agent.to_str().unwrap(),
+        "--timeout",
+        "120",
+        "--",
+        cmd,
+    ]))
+}
+
+/// Traffic started before a migration and checked after it.
+struct Traffic {
+    /// The file sender (iperf3 -F); killed when the check is done.
+    _sender: Proc,
+    udp_in: std::process::Child,
+    tcp_in: std::process::Child,
+    file_sum: String,
+}
+
+fn start_traffic(ns: &ScriptNetns, agent: &Path, dir: &Path, round: u32) -> Traffic {
+    // A 24 MB file the host sends into the guest during the migration, at 16 Mb/s so that it
+    // spans it; the guest's iperf3 writes what it receives into a file, whose checksum is
+    // compared afterwards.
+    let file = dir.join(format!("payload{round}"));
+    run_ok(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={}", file.display()),
+        "bs=1M",
+        "count=24",
+        "status=none",
+    ]));
+    let sum = run_ok(Command::new("sha256sum").arg(&file));
+    let file_sum = sum.split_whitespace().next().unwrap().to_string();
+    gexec(
+        agent,
+        &format!("rm -f /tmp/recv{round}; iperf3 -s -1 -D -p 5204 -F /tmp/recv{round}; sleep 0.3"),
+    );
+    let sender = ns
+        .cmd(&[
+            "iperf3",
+            "-c",
+            GUEST_IP,
+            "-p",
+            "5204",
+            "-b",
+            "16M",
+            "-F",
+            file.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sender = Proc(sender);
+    // Bounded UDP both ways (counted), and a TCP stream host->guest.
+    gexec(
+        agent,
+        &format!("iperf3 -c {HOST_IP} -p 5202 -u -b 8M -l 1000 -t 14 > /tmp/udp_out{round} 2>&1 &"),
+    );
+    let udp_in = ns
+        .cmd(&[
+            "iperf3", "-c", GUEST_IP, "-u", "-b", "8M", "-l", "1000", "-t", "14", "-J",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tcp_in = ns
+        .cmd(&[
+            "iperf3", "-c", GUEST_IP, "-p", "5203", "-b", "10M", "-t", "14", "-J",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Traffic {
+        _sender: sender,
+        udp_in,
+        tcp_in,
+        file_sum,
+    }
+}
+
+/// Migrates from `qmp_src` to the destination listening on `mig`; returns QEMU's downtime, ms.
+fn migrate(qmp_src: &Path, mig: &Path) -> u64 {
+    let mut q = Qmp::connect(qmp_src);
+    q.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+        mig.display()
+    ));
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = q.cmd(r#"{"execute":"query-migrate"}"#);
+        match st["status"].as_str() {
+            Some("completed") => return st["downtime"].as_u64().unwrap_or(0),
+            Some("failed") | Some("cancelled") => panic!("migration failed: {st}"),
+            _ => {}
+        }
+        assert!(Instant::now() < end, "migration did not complete: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Checks what ran across a migration; returns a line of figures.
+fn check(t: Traffic, agent: &Path, round: u32, downtime: u64) -> String {
+    let udp_in = t.udp_in.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&udp_in.stdout).unwrap_or_default();
+    let sum = &v["end"]["sum"];
+    let (lost_in, sent_in) = (
+        sum["lost_packets"].as_u64().unwrap_or(u64::MAX),
+        sum["packets"].as_u64().unwrap_or(0),
+    );
+    let tcp = t.tcp_in.wait_with_output().unwrap();
+    let tv: Value = serde_json::from_slice(&tcp.stdout).unwrap_or_default();
+    assert!(
+        tv["error"].is_null() && tv["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 0,
+        "round {round}: the TCP stream did not survive the migration: {}",
+        String::from_utf8_lossy(&tcp.stdout)
+    );
+    let out = gexec(agent, &format!("sleep 1; cat /tmp/udp_out{round}"));
+    // iperf3's UDP summary: "... lost/total (pct)" on the receiver line.
+    let lost_out = out.lines().find(|l| l.contains("receiver")).and_then(|l| {
+        let f = l.split_whitespace().find(|w| w.contains('/'))?;
+        let (a, b) = f.split_once('/')?;
+        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+    });
+    // The file: wait for the transfer to end, then compare.
+    let end = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let s = gexec(agent, &format!("wc -c < /tmp/recv{round}"));
+        if s.trim() == "25165824" || Instant::now() > end {
+            break gexec(agent, &format!("sha256sum /tmp/recv{round}"));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let got = got.split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(
+        got, t.file_sum,
+        "round {round}: the file written in the guest from received data differs"
+    );
+    assert!(
+        sent_in > 1000 && lost_in * 20 <= sent_in,
+        "round {round}: host->guest UDP lost {lost_in} of {sent_in}"
+    );
+    let (lo, so) = lost_out.unwrap_or_else(|| panic!("round {round}: guest iperf3 said {out}"));
+    assert!(
+        so > 1000 && lo * 20 <= so,
+        "round {round}: guest->host UDP lost {lo} of {so}"
+    );
+    format!(
+        "round {round}: downtime {downtime} ms; UDP lost host->guest {lost_in}/{sent_in}, guest->host {lo}/{so}; TCP stream kept; 24 MB file checksum matches"
+    )
+}
+
+#[test]
+fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
+    require_cmd(
+        "qemu-system-x86_64",
+        "qemu-system-x86 (QEMU 10.0 from bookworm-backports)",
+    );
+    require_cmd("iperf3", "iperf3");
+    run_ok(&mut Command::new(repo().join("ci/guest/build-image.sh")));
+    let ns = ScriptNetns::create("mg");
+    let dir = tempdir();
+    let (a, b, ctl) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("ctl.sock"));
+    let cfg = dir.join("vms.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[vm]]\nname='a'\nsocket='{}'\ntap='vnbmga'\nmac='{MAC}'\nmode='off'\n\n\
+             [[vm]]\nname='b'\nsocket='{}'\ntap='vnbmgb'\nmac='{MAC}'\nmode='off'\n",
+            a.display(),
+            b.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("backend.log")).unwrap();
+    let _backend = Proc(
+        ns.cmd(&[
+            env!("CARGO_BIN_EXE_vhost-net-batch"),
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--control",
+            ctl.to_str().unwrap(),
+            "--log",
+            "info",
+        ])
+        .stderr(log)
+        .spawn()
+        .unwrap(),
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while !(a.exists() && b.exists() && ctl.exists()) {
+        assert!(Instant::now() < end, "the backend did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // One L2 segment for both taps, the host's address on the bridge.
+    for c in [
+        vec!["ip", "link", "add", "br0", "type", "bridge"],
+        vec!["ip", "link", "set", "vnbmga", "master", "br0"],
+        vec!["ip", "link", "set", "vnbmgb", "master", "br0"],
+        vec!["ip", "link", "set", "br0", "up"],
+    ] {
+        run_ok(&mut ns.cmd(&c));
+    }
+    run_ok(Command::new(repo().join("ci/netns.sh")).args([
+        "addr",
+        &ns.name,
+        "br0",
+        &format!("{HOST_IP}/24"),
+    ]));
+    // Servers on the host side for the guest's streams.
+    let _servers: Vec<Proc> = ["5202"]
+        .iter()
+        .map(|p| {
+            Proc(
+                ns.cmd(&["iperf3", "-s", "-p", p])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let (src_pid, src_qmp) = qemu(&a, &dir, "src", None);
+    let mut qemus = vec![QemuGuest {
+        agent: dir.join("src.agent"),
+        qemu_pid: src_pid,
+    }];
+    run_ok(Command::new(repo().join("ci/gexec.py")).args([
+        dir.join("src.agent").to_str().unwrap(),
+        "--wait-ready",
+        "180",
+    ]));
+    let src_agent = dir.join("src.agent");
+    gexec(&src_agent, "iperf3 -s -D -p 5203");
+    run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]));
+    let mut figures = Vec::new();
+    let mut from = (a.clone(), src_qmp, src_agent);
+    let mut to_sock = b.clone();
+    for (round, mode) in [(1u32, "off"), (2, "adaptive:1000")] {
+        for vm in ["a", "b"] {
+            run_ok(Command::new(env!("CARGO_BIN_EXE_vhost-net-batch")).args([
+                "ctl",
+                "--control",
+                ctl.to_str().unwrap(),
+                "set",
+                vm,
+                "--mode",
+                mode,
+            ]));
+        }
+        let mig = dir.join(format!("mig{round}"));
+        let tag = format!("dst{round}");
+        let (dst_pid, dst_qmp) = qemu(&to_sock, &dir, &tag, Some(&mig));
+        // Killed at the end of the test, or when it fails.
+        qemus.push(QemuGuest {
+            agent: dir.join(format!("{tag}.agent")),
+            qemu_pid: dst_pid,
+        });
+        let ping = ns
+            .cmd(&["ping", "-i", "0.01", "-q", GUEST_IP])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = start_traffic(&ns, &from.2, &dir, round);
+        std::thread::sleep(Duration::from_secs(4));
+        let downtime = migrate(&from.1, &mig);
+        let dst_agent = dir.join(format!("{tag}.agent"));
+        // The source is done: it quits; its VM's socket listens again.
+        Qmp::connect(&from.1).cmd(r#"{"execute":"quit"}"#);
+        let line = check(t, &dst_agent, round, downtime);
+        // SAFETY: SIGINT to our ping: it prints its summary and exits.
+        unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+        let p = ping.wait_with_output().unwrap();
+        let summary = String::from_utf8_lossy(&p.stdout)
+            .lines()
+            .find(|l| l.contains("packet loss"))
+            .unwrap_or("")
+            .to_string();
+        println!("{line}; ping: {summary}");
+        figures.push(format!("{line}; ping: {summary}"));
+        // The guest kept its address and answers through the destination's tap.
+        run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]));
+        from = (to_sock.clone(), dst_qmp, dst_agent);
+        to_sock = if round == 1 { a.clone() } else { b.clone() };
+    }
+    let text = figures.join("\n") + "\n";
+    let _ = std::fs::write(repo().join("target/e2e-migration-figures.txt"), &text);
+    print!("{text}");
+    Qmp::connect(&from.1).cmd(r#"{"execute":"quit"}"#);
+}
