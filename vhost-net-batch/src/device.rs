@@ -169,11 +169,14 @@ impl NetDevice {
 impl Drop for NetDevice {
     /// A frontend that vanished without stopping its rings (QEMU killed) can leave a frame read
     /// from the tap but only partly placed in guest buffers: it is lost, and counted as dropped.
+    /// Control replies still waiting for an RX buffer are lost too, and counted as such.
     fn drop(&mut self) {
         for (qp, w) in self.workers.iter().enumerate() {
-            if lock(w).has_pending_rx() {
+            let w = lock(w);
+            if w.has_pending_rx() {
                 self.metrics.queues[qp].rx_dropped.fetch_add(1, Relaxed);
             }
+            self.batching.count_control(0, w.queued_replies() as u64);
         }
     }
 }

@@ -216,6 +216,11 @@ impl Worker {
         self.rx.has_pending()
     }
 
+    /// Control replies still waiting for an RX buffer (lost if the connection ends now).
+    pub fn queued_replies(&self) -> usize {
+        self.outbox.len()
+    }
+
     /// The RX ring is being stopped: give back the chains a half-placed frame holds. Returns
     /// true if a frame was dropped.
     pub fn stop_rx(&mut self) -> bool {

@@ -455,6 +455,34 @@ fn a_hung_meter_never_delays_a_control_reply() {
 }
 
 #[test]
+fn control_replies_queued_at_disconnect_are_counted() {
+    let _ns = Netns::enter("hq");
+    let dir = tempdir();
+    let a = dir.join("a.sock");
+    let slot = start_slot("qa", "vnbhqa", &a);
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&a, 2).unwrap(), &mem, true);
+    // No RX buffer: the replies wait in the queue pair's outbox (it holds four).
+    for seq in 0..3 {
+        g.send(seq, &control_frame(seq, None));
+    }
+    assert!(
+        eventually(|| g.used(1).len() == 3),
+        "the control frames were not taken"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(slot.batching().control_counts().replies_lost, 0);
+    let sock = g.fe_socket();
+    drop(g);
+    drop(sock);
+    assert!(
+        eventually(|| slot.batching().control_counts().replies_lost == 3),
+        "replies lost at disconnect: {:?}",
+        slot.batching().control_counts()
+    );
+}
+
+#[test]
 fn a_thousand_idle_metrics_connections_block_no_one() {
     let ns = ScriptNetns::create("hx");
     let dir = tempdir();
