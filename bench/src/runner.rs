@@ -569,10 +569,13 @@ fn run_workload(
     Ok(())
 }
 
-/// Whether iperf3 failed because the guest's server was not listening yet or still busy.
+/// Whether iperf3 failed because the guest's server was not listening yet or still busy
+/// (a busy server may also accept and reset the control connection at once).
 fn iperf_not_ready(e: &BenchError) -> bool {
     let t = e.to_string();
-    t.contains("Connection refused") || t.contains("server is busy")
+    t.contains("Connection refused")
+        || t.contains("server is busy")
+        || t.contains("unable to receive control message: Connection reset by peer")
 }
 
 /// Cycles of `mix`: at least two, and as many as `--duration` asks for.
@@ -681,4 +684,27 @@ fn measure(
         r.backend_cpu_s_per_gb = r.backend_cpu_s.map(|c| c / gb);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iperf_failures_of_a_busy_or_late_server_are_retried_others_are_not() {
+        let e = |t: &str| BenchError::Workload(t.into());
+        for t in [
+            "iperf3: error - unable to connect to server: Connection refused",
+            "iperf3: error - the server is busy running a test. try again later",
+            "iperf3: error - unable to receive control message: Connection reset by peer",
+        ] {
+            assert!(iperf_not_ready(&e(t)), "{t}");
+        }
+        for t in [
+            "iperf3: error - unable to connect to server: No route to host",
+            "iperf3: error - control socket has closed unexpectedly",
+        ] {
+            assert!(!iperf_not_ready(&e(t)), "{t}");
+        }
+    }
 }

@@ -501,7 +501,16 @@ impl Worker {
             }
         }
         // While migrating, the frontend asks for every page we write to be logged.
-        self.rx.log_writes = s.ctx.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        let log = s.ctx.features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log != self.rx.log_writes {
+            // Twice per migration: no log budget needed.
+            tracing::info!(
+                vm = %s.ctx.vm,
+                "dirty-page logging {}",
+                if log { "on (migrating)" } else { "off" }
+            );
+            self.rx.log_writes = log;
+        }
         let mut r = if self.tap_readable || self.rx.has_pending() {
             self.rx
                 .run(q, s.mem, &mut self.tap, s.ctx.hdr, BATCH_BUDGET)

@@ -1084,3 +1084,52 @@ fn deliver_looks_at_one_chain_and_completes_a_bad_one() {
     assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 72)]);
     assert_eq!((c.bad_chains, c.used), (2, 3));
 }
+
+/// While the frontend migrates the guest (`VHOST_F_LOG_ALL`), every byte the tap's `readv`
+/// writes into a guest buffer is marked in the dirty log; `vm-memory` cannot see those writes.
+/// Without logging, the second page of a frame, written only by `readv`, stays clean.
+#[test]
+fn rx_writes_behind_vm_memory_are_marked_dirty_while_logging() {
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    const PAGE: u64 = 0x1000;
+    for log in [true, false] {
+        let m: GuestMemoryMmap<AtomicBitmap> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        // One two-page buffer, and one the frame does not need.
+        vq.add_desc_chains(
+            &[
+                d(BUF, 2 * PAGE as u32, W, 0),
+                d(BUF + 4 * PAGE, 0x800, W, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let bitmap = m.find_region(GuestAddress(0)).unwrap().bitmap();
+        // The mock wrote only its rings: the buffers start clean.
+        assert!(!bitmap.dirty_at(BUF as usize) && !bitmap.dirty_at((BUF + PAGE) as usize));
+        let f = frame(6000, 9);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([f.clone()]),
+            ..Default::default()
+        };
+        let mut rx = RxPath::new();
+        rx.log_writes = log;
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(r.counts.packets, 1);
+        let dirty = |a: u64| bitmap.dirty_at(a as usize);
+        assert_eq!(
+            dirty(BUF + PAGE),
+            log,
+            "log_writes={log}: the frame's second page, written by readv only"
+        );
+        assert!(
+            dirty(BUF),
+            "the header page (num_buffers goes through vm-memory)"
+        );
+        assert!(!dirty(BUF + 4 * PAGE), "a buffer the frame did not use");
+        assert!(!dirty(BUF + 2 * PAGE), "past the frame's end");
+    }
+}

@@ -3,11 +3,14 @@
 //! VM (socket and tap) of one backend process. The taps share a bridge holding the host's
 //! address, so the guest keeps its IP and its peers.
 //!
-//! The guest is migrated while host→guest and guest→host UDP streams, a ping, a TCP stream and
-//! a file transfer into the guest run; then back again with batching at adaptive:1000 (no rate
-//! floor, so kicks are held while it moves). After each: the TCP stream is still up, the file's
-//! checksum in the guest matches the host's (nothing the backend wrote during the copy was
-//! missed by the dirty log), and the datagrams lost are counted and few.
+//! The guest is migrated while host->guest and guest->host UDP streams, a ping, a TCP stream
+//! and a file transfer into the guest (paced TCP, received by busybox nc) run; then back again
+//! with batching at adaptive:1000 (no rate floor, so kicks are held while it moves). After
+//! each: the TCP stream is still up, the file's size and checksum in the guest match the
+//! host's, the backend logged its RX writes while QEMU asked for it (`LOG_ALL`), and the
+//! datagrams lost are counted and few. (Whether each page `readv` writes is marked is checked in
+//! `datapath_mock`: end to end, a missed page would rarely show, since the guest consumes its
+//! buffers before the last copy and TCP would resend what a stale buffer spoiled.)
 
 mod common;
 
@@ -23,6 +26,8 @@ use serde_json::Value;
 const GUEST_IP: &str = "10.77.12.2";
 const HOST_IP: &str = "10.77.12.1";
 const MAC: &str = "52:54:00:77:01:02";
+/// Size of the file sent into the guest across each migration, MiB.
+const FILE_MB: u64 = 24;
 
 /// A QMP connection.
 struct Qmp(BufReader<UnixStream>);
@@ -99,47 +104,66 @@ fn gexec(agent: &Path, cmd: &str) -> String {
     ]))
 }
 
+/// Sends a file to `host:port` over TCP at `rate` bytes per second, then half-closes and waits
+/// for the peer to close; exits non-zero if the connection breaks.
+const PACED_SENDER: &str = r#"
+import socket, sys, time
+host, port, path, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+data = open(path, "rb").read()
+s = socket.create_connection((host, port), timeout=60)
+t0, i = time.monotonic(), 0
+while i < len(data):
+    s.sendall(data[i:i + 65536])
+    i += 65536
+    lag = i / rate - (time.monotonic() - t0)
+    if lag > 0:
+        time.sleep(lag)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+s.close()
+"#;
+
 /// Traffic started before a migration and checked after it.
 struct Traffic {
-    /// The file sender (iperf3 -F); killed when the check is done.
-    _sender: Proc,
+    /// The file sender: exits 0 once every byte went out and the guest closed.
+    sender: Proc,
     udp_in: std::process::Child,
     tcp_in: std::process::Child,
     file_sum: String,
 }
 
 fn start_traffic(ns: &ScriptNetns, agent: &Path, dir: &Path, round: u32) -> Traffic {
-    // A 24 MB file the host sends into the guest during the migration, at 16 Mb/s so that it
-    // spans it; the guest's iperf3 writes what it receives into a file, whose checksum is
+    // A 24 MB file the host sends into the guest during the migration, at 2 MB/s so that it
+    // spans it; the guest's busybox nc writes what it receives into a file, whose checksum is
     // compared afterwards.
     let file = dir.join(format!("payload{round}"));
     run_ok(Command::new("dd").args([
         "if=/dev/urandom",
         &format!("of={}", file.display()),
         "bs=1M",
-        "count=24",
+        &format!("count={FILE_MB}"),
         "status=none",
     ]));
     let sum = run_ok(Command::new("sha256sum").arg(&file));
     let file_sum = sum.split_whitespace().next().unwrap().to_string();
     gexec(
         agent,
-        &format!("rm -f /tmp/recv{round}; iperf3 -s -1 -D -p 5204 -F /tmp/recv{round}; sleep 0.3"),
+        &format!(
+            "rm -f /tmp/recv{round}; nc -l -p 5204 > /tmp/recv{round} < /dev/null 2>&1 & sleep 0.3"
+        ),
     );
     let sender = ns
         .cmd(&[
-            "iperf3",
+            "python3",
             "-c",
+            PACED_SENDER,
             GUEST_IP,
-            "-p",
             "5204",
-            "-b",
-            "16M",
-            "-F",
             file.to_str().unwrap(),
+            "2000000",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let sender = Proc(sender);
@@ -165,7 +189,7 @@ fn start_traffic(ns: &ScriptNetns, agent: &Path, dir: &Path, round: u32) -> Traf
         .spawn()
         .unwrap();
     Traffic {
-        _sender: sender,
+        sender,
         udp_in,
         tcp_in,
         file_sum,
@@ -211,35 +235,74 @@ fn check(t: Traffic, agent: &Path, round: u32, downtime: u64) -> String {
     let out = gexec(agent, &format!("sleep 1; cat /tmp/udp_out{round}"));
     // iperf3's UDP summary: "... lost/total (pct)" on the receiver line.
     let lost_out = out.lines().find(|l| l.contains("receiver")).and_then(|l| {
-        let f = l.split_whitespace().find(|w| w.contains('/'))?;
-        let (a, b) = f.split_once('/')?;
-        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+        l.split_whitespace().find_map(|w| {
+            let (a, b) = w.split_once('/')?;
+            Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+        })
     });
-    // The file: wait for the transfer to end, then compare.
-    let end = Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        let s = gexec(agent, &format!("wc -c < /tmp/recv{round}"));
-        if s.trim() == "25165824" || Instant::now() > end {
-            break gexec(agent, &format!("sha256sum /tmp/recv{round}"));
+    // The file: the sender ends once the guest closed after the last byte.
+    let mut sender = t.sender;
+    let end = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = sender.0.try_wait().unwrap() {
+            break st;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            Instant::now() < end,
+            "round {round}: the file transfer did not end"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     };
-    let got = got.split_whitespace().next().unwrap_or("").to_string();
+    let mut err = String::new();
+    if let Some(e) = sender.0.stderr.as_mut() {
+        let _ = std::io::Read::read_to_string(e, &mut err);
+    }
+    assert!(
+        status.success(),
+        "round {round}: the file transfer broke: {err}"
+    );
+    let got = gexec(
+        agent,
+        &format!("wc -c < /tmp/recv{round}; sha256sum /tmp/recv{round}"),
+    );
+    let mut words = got.split_whitespace();
+    let (size, got) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     assert_eq!(
-        got, t.file_sum,
+        (size, got),
+        ((FILE_MB << 20).to_string().as_str(), t.file_sum.as_str()),
         "round {round}: the file written in the guest from received data differs"
     );
+    // Where host->guest datagrams went missing: the guest's UDP drops (socket buffer full
+    // while TCG crawls through the copy) and the kernel's on the taps (no reader while the
+    // guest is stopped), for the figures.
+    let snmp = gexec(agent, "grep Udp: /proc/net/snmp");
+    let udp = snmp
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .collect::<Vec<_>>();
+    let guest_drops: String = match udp.as_slice() {
+        [h, v, ..] => h
+            .iter()
+            .zip(v)
+            .filter(|(k, _)| matches!(**k, "InErrors" | "RcvbufErrors"))
+            .map(|(k, v)| format!("{k} {v} "))
+            .collect(),
+        _ => snmp.clone(),
+    };
+    let lost_line = format!("guest since boot: {}", guest_drops.trim());
+    // A copy under TCG slows the guest to a crawl for a second or two; more than a fifth of
+    // the stream lost would mean the path broke, not that the guest fell behind.
     assert!(
-        sent_in > 1000 && lost_in * 20 <= sent_in,
-        "round {round}: host->guest UDP lost {lost_in} of {sent_in}"
+        sent_in > 1000 && lost_in * 5 <= sent_in,
+        "round {round}: host->guest UDP lost {lost_in} of {sent_in} ({lost_line})"
     );
     let (lo, so) = lost_out.unwrap_or_else(|| panic!("round {round}: guest iperf3 said {out}"));
     assert!(
-        so > 1000 && lo * 20 <= so,
+        so > 1000 && lo * 5 <= so,
         "round {round}: guest->host UDP lost {lo} of {so}"
     );
     format!(
-        "round {round}: downtime {downtime} ms; UDP lost host->guest {lost_in}/{sent_in}, guest->host {lo}/{so}; TCP stream kept; 24 MB file checksum matches"
+        "round {round}: downtime {downtime} ms; UDP lost host->guest {lost_in}/{sent_in} ({lost_line}), guest->host {lo}/{so}; TCP stream kept; {FILE_MB} MiB file checksum matches"
     )
 }
 
@@ -377,6 +440,13 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
         from = (to_sock.clone(), dst_qmp, dst_agent);
         to_sock = if round == 1 { a.clone() } else { b.clone() };
     }
+    let log = std::fs::read_to_string(dir.join("backend.log")).unwrap();
+    // On at each source once QEMU starts the copy (the source then stops, with it still on).
+    let on = log.matches("dirty-page logging on").count();
+    assert!(
+        on >= 2,
+        "the backend should log its writes during each migration (turned on {on} times):\n{log}"
+    );
     let text = figures.join("\n") + "\n";
     let _ = std::fs::write(repo().join("target/e2e-migration-figures.txt"), &text);
     print!("{text}");
