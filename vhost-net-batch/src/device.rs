@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
@@ -27,15 +26,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::batching::VmBatching;
 use crate::datapath::HdrLayout;
+use crate::dirty_log::DirtyLog;
 use crate::memguard::Regions;
 use crate::metrics::VmMetrics;
 use crate::tap::Tap;
 use crate::worker::{Ctx, Worker};
 
 /// Guest memory as the backend sees it: each region carries the dirty-page log QEMU hands over
-/// for live migration (`SET_LOG_BASE`); writes through `vm-memory` mark it, the data path marks
-/// what it writes directly (RX payloads read from the tap) while the guest asked for logging.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
+/// for live migration (`SET_LOG_BASE`, [`DirtyLog`]); writes through `vm-memory` mark it, the
+/// data path marks what it writes directly (RX payloads read from the tap) while the guest
+/// asked for logging.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<DirtyLog>>;
 
 /// A vring over [`GuestMem`].
 pub type Vring = VringRwLock<GuestMem>;
@@ -182,7 +183,7 @@ impl Drop for NetDevice {
 }
 
 impl VhostUserBackend for NetDevice {
-    type Bitmap = BitmapMmapRegion;
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {

@@ -25,6 +25,7 @@ pub mod control;
 pub mod control_socket;
 pub mod datapath;
 pub mod device;
+pub mod dirty_log;
 pub mod memguard;
 pub mod metrics;
 pub mod metrics_endpoint;

@@ -15,7 +15,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringEpollHandler, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_NOTIFY_ON_EMPTY;
 use virtio_queue::QueueT;
@@ -29,6 +28,7 @@ use crate::datapath::{
     RxPath, TapFd, TxPath, TxRun, BATCH_BUDGET,
 };
 use crate::device::{GuestMem, Vring};
+use crate::dirty_log::DirtyLog;
 use crate::metrics::{QueueStats, VmMetrics};
 use crate::policy::{
     rx_signal, tx_signal_due, Delays, RxBatch, RxSignal, Valve, Valves, MIN_DELAY_US,
@@ -112,7 +112,7 @@ pub struct Ctx<'a> {
 /// Per wake-up facts every step reads.
 struct Step<'a> {
     ctx: &'a Ctx<'a>,
-    mem: &'a GuestMemoryMmap<BitmapMmapRegion>,
+    mem: &'a GuestMemoryMmap<DirtyLog>,
     notify_on_empty: bool,
     now: u64,
     delays: Delays,

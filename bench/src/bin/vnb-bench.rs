@@ -48,7 +48,7 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip)]
     plan: Option<PathBuf>,
-    /// Workloads: iperf-tx, iperf-rx, http, tbench, rr, rr-load, mix (default all).
+    /// Workloads: iperf-tx, iperf-rx, http, tbench, rr, rr-load, udp-tx, mix (default all).
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     workloads: Vec<String>,
