@@ -400,8 +400,10 @@ fn run_one(
         return Err(BenchError::Workload("interrupted".into()));
     }
     // Let the backend finish what is queued, then testpmd prints its totals on SIGINT and
-    // exits.
+    // exits. The tap is read first: a backend may end, and its tap go, with its frontend
+    // (cloud-hypervisor's does).
     std::thread::sleep(Duration::from_millis(300));
+    let moved_total = rig.tap_stat(stat)?.saturating_sub(moved0);
     let tp = rig.testpmd.as_mut().expect("testpmd started");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tp.id() as i32, libc::SIGINT) };
@@ -416,7 +418,6 @@ fn run_one(
             msg: format!("printed no {key} total:\n{log_text}"),
         })
     };
-    let moved_total = rig.tap_stat(stat)?.saturating_sub(moved0);
     let (offered, delivered) = match dir_kind {
         Direction::Tx => (total("TX-packets:")?, moved_total),
         Direction::Rx => (flooded.unwrap_or(0), total("RX-packets:")?),
