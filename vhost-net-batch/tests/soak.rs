@@ -135,7 +135,7 @@ fn four_vms_of_mixed_traffic_keep_memory_descriptors_and_counts() {
         while Instant::now() < until {
             // One VM at a time moves bulk traffic, alternating directions; modes rotate.
             let i = k % VMS;
-            let dir_flag = if k % 2 == 0 { "-R" } else { "" };
+            let dir_flag = if k.is_multiple_of(2) { "-R" } else { "" };
             let mut args = vec!["timeout", "30", "iperf3", "-c"];
             let ip = guest_ip(i);
             args.push(&ip);
@@ -200,8 +200,22 @@ fn four_vms_of_mixed_traffic_keep_memory_descriptors_and_counts() {
     print!("{summary}");
     std::fs::write(out.join("summary.txt"), &summary).unwrap();
     assert!(lost.is_empty(), "frames unaccounted for: {lost:?}");
-    assert_eq!(fds1, fds0, "descriptors grew: {samples:?}");
-    assert_eq!(th1, th0, "threads grew: {samples:?}");
+    // A control connection being served holds a thread and two descriptors for a moment, so
+    // single samples differ by that much: flat means the second half never goes above what
+    // the first minutes saw.
+    let early = &samples[1.min(samples.len() - 1)..samples.len().min(4)];
+    let late = &samples[samples.len() / 2..];
+    let most = |s: &[(u64, usize, usize)], f: fn(&(u64, usize, usize)) -> usize| {
+        s.iter().map(f).max().unwrap_or(0)
+    };
+    assert!(
+        most(late, |s| s.1) <= most(early, |s| s.1),
+        "descriptors grew: {samples:?}"
+    );
+    assert!(
+        most(late, |s| s.2) <= most(early, |s| s.2),
+        "threads grew: {samples:?}"
+    );
     assert!(
         rss1 <= rss0 + rss0 / 10 + 1024,
         "RSS grew from {rss0} to {rss1} KiB: {samples:?}"
