@@ -216,16 +216,31 @@ fn migrate(qmp_src: &Path, mig: &Path) -> u64 {
     }
 }
 
+/// Waits up to two minutes for a host-side iperf3 (it never times out by itself: a guest
+/// whose network stalled after the move would hang the test).
+fn bounded(mut c: std::process::Child, what: &str, round: u32) -> std::process::Output {
+    let end = Instant::now() + Duration::from_secs(120);
+    while c.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("round {round}: {what} did not end within 120 s: the guest's network stalled");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.wait_with_output().unwrap()
+}
+
 /// Checks what ran across a migration; returns a line of figures.
-fn check(t: Traffic, agent: &Path, round: u32, downtime: u64) -> String {
-    let udp_in = t.udp_in.wait_with_output().unwrap();
+fn check(t: Traffic, agent: &Path, round: u32, downtime: u64, rcvbuf_before: &mut u64) -> String {
+    let udp_in = bounded(t.udp_in, "the host->guest UDP stream", round);
     let v: Value = serde_json::from_slice(&udp_in.stdout).unwrap_or_default();
     let sum = &v["end"]["sum"];
     let (lost_in, sent_in) = (
         sum["lost_packets"].as_u64().unwrap_or(u64::MAX),
         sum["packets"].as_u64().unwrap_or(0),
     );
-    let tcp = t.tcp_in.wait_with_output().unwrap();
+    let tcp = bounded(t.tcp_in, "the host->guest TCP stream", round);
     let tv: Value = serde_json::from_slice(&tcp.stdout).unwrap_or_default();
     assert!(
         tv["error"].is_null() && tv["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 0,
@@ -280,20 +295,23 @@ fn check(t: Traffic, agent: &Path, round: u32, downtime: u64) -> String {
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .collect::<Vec<_>>();
-    let guest_drops: String = match udp.as_slice() {
+    let rcvbuf: u64 = match udp.as_slice() {
         [h, v, ..] => h
             .iter()
             .zip(v)
-            .filter(|(k, _)| matches!(**k, "InErrors" | "RcvbufErrors"))
-            .map(|(k, v)| format!("{k} {v} "))
-            .collect(),
-        _ => snmp.clone(),
+            .find(|(k, _)| **k == "RcvbufErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
     };
-    let lost_line = format!("guest since boot: {}", guest_drops.trim());
-    // A copy under TCG slows the guest to a crawl for a second or two; more than a fifth of
-    // the stream lost would mean the path broke, not that the guest fell behind.
+    let guest_dropped = rcvbuf.saturating_sub(*rcvbuf_before);
+    *rcvbuf_before = rcvbuf;
+    let lost_line = format!("{guest_dropped} of them dropped by the guest's full socket buffer");
+    // The guest's own drops (its socket buffer full while TCG crawls through the copy, more so
+    // on a busy machine) are counted by the guest; more than a fifth of the stream lost
+    // anywhere else would mean the path broke.
     assert!(
-        sent_in > 1000 && lost_in * 5 <= sent_in,
+        sent_in > 1000 && lost_in.saturating_sub(guest_dropped) * 5 <= sent_in,
         "round {round}: host->guest UDP lost {lost_in} of {sent_in} ({lost_line})"
     );
     let (lo, so) = lost_out.unwrap_or_else(|| panic!("round {round}: guest iperf3 said {out}"));
@@ -391,6 +409,8 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
     gexec(&src_agent, "iperf3 -s -D -p 5203");
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]));
     let mut figures = Vec::new();
+    // The guest's UDP RcvbufErrors so far.
+    let mut rcvbuf = 0u64;
     let mut from = (a.clone(), src_qmp, src_agent);
     let mut to_sock = b.clone();
     for (round, mode) in [(1u32, "off"), (2, "adaptive:1000")] {
@@ -424,7 +444,7 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
         let dst_agent = dir.join(format!("{tag}.agent"));
         // The source is done: it quits; its VM's socket listens again.
         Qmp::connect(&from.1).cmd(r#"{"execute":"quit"}"#);
-        let line = check(t, &dst_agent, round, downtime);
+        let line = check(t, &dst_agent, round, downtime, &mut rcvbuf);
         // SAFETY: SIGINT to our ping: it prints its summary and exits.
         unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
         let p = ping.wait_with_output().unwrap();
