@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::Duration;
@@ -60,13 +60,8 @@ fn with_a_log_installed_every_page_the_backend_writes_is_marked() {
     let g = Guest::setup_features(fe, &mem, false, test_features());
 
     // The log QEMU hands over when a migration starts: one bit per 4 KiB page.
-    // SAFETY: memfd_create with a static NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vnb-log".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: we own the new fd.
-    let log = unsafe { File::from_raw_fd(fd) };
     let size = (MEM_SIZE as u64 / PAGE).div_ceil(8);
-    log.set_len(size).unwrap();
+    let log = memfd(c"vnb-log", size);
     g.fe.set_log_base(
         0,
         Some(VhostUserDirtyLogRegion {

@@ -126,7 +126,7 @@ s.close()
 /// Traffic started before a migration and checked after it.
 struct Traffic {
     /// The file sender: exits 0 once every byte went out and the guest closed.
-    sender: Proc,
+    sender: std::process::Child,
     udp_in: std::process::Child,
     tcp_in: std::process::Child,
     file_sum: String,
@@ -166,7 +166,6 @@ fn start_traffic(ns: &ScriptNetns, agent: &Path, dir: &Path, round: u32) -> Traf
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let sender = Proc(sender);
     // Bounded UDP both ways (counted), and a TCP stream host->guest.
     gexec(
         agent,
@@ -216,7 +215,7 @@ fn migrate(qmp_src: &Path, mig: &Path) -> u64 {
     }
 }
 
-/// Waits up to two minutes for a host-side iperf3 (it never times out by itself: a guest
+/// Waits up to two minutes for a host-side client (iperf3 never times out by itself: a guest
 /// whose network stalled after the move would hang the test).
 fn bounded(mut c: std::process::Child, what: &str, round: u32) -> std::process::Output {
     let end = Instant::now() + Duration::from_secs(120);
@@ -256,25 +255,11 @@ fn check(t: Traffic, agent: &Path, round: u32, downtime: u64, rcvbuf_before: &mu
         })
     });
     // The file: the sender ends once the guest closed after the last byte.
-    let mut sender = t.sender;
-    let end = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = sender.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < end,
-            "round {round}: the file transfer did not end"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let mut err = String::new();
-    if let Some(e) = sender.0.stderr.as_mut() {
-        let _ = std::io::Read::read_to_string(e, &mut err);
-    }
+    let sent = bounded(t.sender, "the file transfer", round);
     assert!(
-        status.success(),
-        "round {round}: the file transfer broke: {err}"
+        sent.status.success(),
+        "round {round}: the file transfer broke: {}",
+        String::from_utf8_lossy(&sent.stderr)
     );
     let got = gexec(
         agent,

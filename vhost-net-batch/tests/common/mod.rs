@@ -115,12 +115,7 @@ pub fn guest_memory() -> GuestMemoryMmap<()> {
 
 /// As [`guest_memory`], with a handle on the memfd (a test can shrink it under the backend).
 pub fn guest_memory_with_file() -> (File, GuestMemoryMmap<()>) {
-    // SAFETY: memfd_create with a static NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vnb-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: we own the new fd.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
+    let file = memfd(c"vnb-guest", MEM_SIZE as u64);
     let handle = file.try_clone().unwrap();
     let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
@@ -129,6 +124,17 @@ pub fn guest_memory_with_file() -> (File, GuestMemoryMmap<()>) {
     )])
     .unwrap();
     (handle, mem)
+}
+
+/// A close-on-exec memfd of `len` bytes, as QEMU hands over for guest memory or a dirty log.
+pub fn memfd(name: &std::ffi::CStr, len: u64) -> File {
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: we own the new fd.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).unwrap();
+    file
 }
 
 /// A split-ring descriptor.
