@@ -223,6 +223,7 @@ impl VhostUserBackend for NetDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP
     }
 
     fn set_event_idx(&self, _enabled: bool) {}

@@ -19,6 +19,7 @@
 //! - [`access`]: socket modes, groups and the peer check of every connection.
 
 pub mod access;
+pub mod announce;
 pub mod batching;
 pub mod config;
 pub mod control;

@@ -247,6 +247,8 @@ pub struct VmMetrics {
     /// Connections ended because the frontend's guest memory went away under the backend
     /// (a memfd truncated after SET_MEM_TABLE: SIGBUS caught).
     pub memory_faults: AtomicU64,
+    /// RARP announcements sent for the guest after it migrated here (`SEND_RARP`).
+    pub announcements: AtomicU64,
     /// The VM's log-line budget.
     pub log: LogLimiter,
 }
@@ -262,6 +264,9 @@ pub struct VmCounters {
     pub panics: u64,
     /// Connections ended by a guest memory fault.
     pub memory_faults: u64,
+    /// RARP announcements sent after a migration.
+    #[serde(default)]
+    pub announcements: u64,
     /// Log lines suppressed by the per-VM budget.
     #[serde(default)]
     pub log_suppressed: u64,
@@ -269,7 +274,7 @@ pub struct VmCounters {
 
 impl VmCounters {
     /// `(name, value, help)` of every counter, for exporters.
-    pub fn counters(&self) -> [(&'static str, u64, &'static str); 5] {
+    pub fn counters(&self) -> [(&'static str, u64, &'static str); 6] {
         [
             ("connections", self.connections, "Frontend connections accepted"),
             (
@@ -282,6 +287,11 @@ impl VmCounters {
                 "memory_faults",
                 self.memory_faults,
                 "Connections ended because the frontend's guest memory went away (SIGBUS caught)",
+            ),
+            (
+                "announcements",
+                self.announcements,
+                "RARP announcements sent for the guest after it migrated here (SEND_RARP)",
             ),
             (
                 "log_suppressed",
@@ -301,6 +311,7 @@ impl VmMetrics {
             refused_peers: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             memory_faults: AtomicU64::new(0),
+            announcements: AtomicU64::new(0),
             log: LogLimiter::default(),
         }
     }
@@ -312,6 +323,7 @@ impl VmMetrics {
             refused_peers: self.refused_peers.load(Relaxed),
             panics: self.panics.load(Relaxed),
             memory_faults: self.memory_faults.load(Relaxed),
+            announcements: self.announcements.load(Relaxed),
             log_suppressed: self.log.suppressed(),
         }
     }

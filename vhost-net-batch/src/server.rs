@@ -333,15 +333,39 @@ impl VmSlot {
         // Tap queues follow the guest's enabled queue pairs (ring 2i is pair i's RX ring).
         let tap = &self.tap;
         let vm = &self.cfg.name;
-        let relayed = shim::relay(frontend, &backend_side, device.stop_fd(), &mut |msg| {
-            if let Some((ring, enabled)) = shim::vring_enable(msg) {
-                if ring % 2 == 0 {
-                    if let Err(e) = tap.set_queue_enabled((ring / 2) as usize, enabled) {
-                        tracing::warn!(%vm, ring, enabled, %e, "cannot follow the queue pair on the tap");
+        let metrics = &self.metrics;
+        let relayed = shim::relay(
+            frontend,
+            &backend_side,
+            device.stop_fd(),
+            &mut |msg| {
+                if let Some((ring, enabled)) = shim::vring_enable(msg) {
+                    if ring % 2 == 0 {
+                        if let Err(e) = tap.set_queue_enabled((ring / 2) as usize, enabled) {
+                            tracing::warn!(%vm, ring, enabled, %e, "cannot follow the queue pair on the tap");
+                        }
                     }
                 }
-            }
-        });
+            },
+            // SEND_RARP, the only message the shim handles: the guest has just moved here.
+            &mut |msg| {
+                let Some(mac) = crate::announce::rarp_mac(&msg.payload) else {
+                    tracing::warn!(%vm, "SEND_RARP without a MAC address");
+                    return false;
+                };
+                match tap.send_frame(&crate::announce::rarp_frame(mac)) {
+                    Ok(()) => {
+                        metrics.announcements.fetch_add(1, Relaxed);
+                        tracing::info!(%vm, mac = %format_mac(mac), "announced the migrated guest (RARP)");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(%vm, %e, "cannot announce the migrated guest");
+                        false
+                    }
+                }
+            },
+        );
         // The next frontend starts with only pair 0, as this one did.
         if let Err(e) = self.tap.detach_extra_queues() {
             tracing::warn!(vm = %self.cfg.name, %e, "cannot detach the tap's extra queues");
@@ -388,4 +412,9 @@ impl VmSlot {
         }
         Ok(stream)
     }
+}
+
+/// `mac` as colon-separated hex.
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
 }

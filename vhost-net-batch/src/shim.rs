@@ -215,6 +215,12 @@ pub enum Action {
     /// Relay it and drop the deferred messages (features without PROTOCOL_FEATURES: the crate
     /// enables all rings itself, as the spec says).
     ForwardAndDiscard,
+    /// Handle it here, not in the crate (`SEND_RARP`, which the crate does not know); answer
+    /// the frontend with the outcome if it asked for a reply.
+    Local {
+        /// Whether to send an ack to the frontend.
+        ack: bool,
+    },
 }
 
 /// The shim's protocol state for one connection (pure: no I/O).
@@ -257,6 +263,9 @@ impl ShimState {
                     (true, false) => Action::ForwardAndDiscard,
                 }
             }
+            Some(FrontendReq::SEND_RARP) => Action::Local {
+                ack: self.reply_ack && msg.flags & FLAG_NEED_REPLY != 0,
+            },
             Some(FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE) => {
                 self.features_set = false;
                 Action::Forward
@@ -268,10 +277,15 @@ impl ShimState {
 
 /// An ack (`u64` 0 = success) for `request`.
 pub fn ack_for(request: u32) -> Message {
+    reply_for(request, true)
+}
+
+/// A `REPLY_ACK` reply for `request`: `u64` 0 when it succeeded, 1 when it failed.
+pub fn reply_for(request: u32, ok: bool) -> Message {
     Message {
         request,
         flags: FLAG_VERSION | FLAG_REPLY,
-        payload: 0u64.to_le_bytes().to_vec(),
+        payload: u64::from(!ok).to_le_bytes().to_vec(),
         fds: Vec::new(),
     }
 }
@@ -288,7 +302,8 @@ pub fn vring_enable(msg: &Message) -> Option<(u32, bool)> {
 /// Relays messages between `frontend` and `backend` until either side closes or `stop`
 /// becomes readable, calling `seen`
 /// with every frontend message right after it went to the backend (deferred ones when they are
-/// replayed), so the caller can follow ring state.
+/// replayed), so the caller can follow ring state, and `local` with the messages the shim
+/// handles itself instead ([`Action::Local`]; its result is the frontend's ack).
 ///
 /// Returns `Ok(())` when the frontend disconnects cleanly.
 pub fn relay(
@@ -296,6 +311,7 @@ pub fn relay(
     backend: &UnixStream,
     stop: &impl AsRawFd,
     seen: &mut dyn FnMut(&Message),
+    local: &mut dyn FnMut(&Message) -> bool,
 ) -> Result<(), ShimError> {
     let mut state = ShimState::default();
     let mut deferred: Vec<Message> = Vec::new();
@@ -368,6 +384,12 @@ pub fn relay(
                     deferred.clear();
                     send_message(backend, &msg)?;
                     seen(&msg);
+                }
+                Action::Local { ack } => {
+                    let ok = local(&msg);
+                    if ack {
+                        send_message(frontend, &reply_for(msg.request, ok))?;
+                    }
                 }
             }
         }
@@ -446,6 +468,36 @@ mod tests {
             s.on_frontend(&msg(SET_VRING_ENABLE, 1, Some(1))).unwrap(),
             Action::Defer { .. }
         ));
+    }
+
+    #[test]
+    fn send_rarp_is_handled_here_and_acked_only_when_asked() {
+        const SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
+        let mut s = ShimState::default();
+        // Without REPLY_ACK negotiated, no reply even if the flag is set.
+        assert_eq!(
+            s.on_frontend(&msg(SEND_RARP, 1 | FLAG_NEED_REPLY, Some(0)))
+                .unwrap(),
+            Action::Local { ack: false }
+        );
+        let ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+        s.on_frontend(&msg(
+            FrontendReq::SET_PROTOCOL_FEATURES as u32,
+            1,
+            Some(ack),
+        ))
+        .unwrap();
+        assert_eq!(
+            s.on_frontend(&msg(SEND_RARP, 1 | FLAG_NEED_REPLY, Some(0)))
+                .unwrap(),
+            Action::Local { ack: true }
+        );
+        assert_eq!(
+            s.on_frontend(&msg(SEND_RARP, 1, Some(0))).unwrap(),
+            Action::Local { ack: false }
+        );
+        assert_eq!(reply_for(SEND_RARP, false).payload_u64(), Some(1));
+        assert_eq!(reply_for(SEND_RARP, true).payload_u64(), Some(0));
     }
 
     #[test]

@@ -236,6 +236,30 @@ impl Tap {
         Ok(())
     }
 
+    /// Writes one frame (Ethernet header on) into the host side through queue 0, behind an
+    /// empty virtio-net header of the length the device uses now.
+    pub fn send_frame(&self, frame: &[u8]) -> Result<(), TapError> {
+        let err = |what, source| TapError::Ioctl {
+            name: self.name.clone(),
+            what,
+            source,
+        };
+        let q = self.queues[0].as_raw_fd();
+        let mut len: libc::c_int = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes an int through the pointer.
+        if unsafe { libc::ioctl(q, libc::TUNGETVNETHDRSZ, &mut len) } < 0 {
+            return Err(err("TUNGETVNETHDRSZ", io::Error::last_os_error()));
+        }
+        let mut buf = vec![0u8; len.clamp(0, 64) as usize];
+        buf.extend_from_slice(frame);
+        // SAFETY: writes `buf.len()` bytes from a live buffer to the queue's descriptor.
+        let n = unsafe { libc::write(q, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(err("write", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Attaches (`enabled`) or detaches queue `i` from the interface, following whether the
     /// guest has queue pair `i` enabled. Queue 0 stays attached; unknown queues are ignored.
     pub fn set_queue_enabled(&self, i: usize, enabled: bool) -> Result<(), TapError> {

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VringEpollHandler, VringState, VringT};
@@ -325,6 +325,17 @@ impl Worker {
                     unsafe { libc::fcntl(call.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
                     let _ = call.notify();
                     self.told[i] = true;
+                    let q = ring.get_queue();
+                    tracing::info!(
+                        vm = %ctx.vm,
+                        ring = if i == 0 { "RX" } else { "TX" },
+                        next_avail = q.next_avail(),
+                        next_used = q.next_used(),
+                        avail_idx = ?q.avail_idx(s.mem, Acquire).map(|w| w.0).ok(),
+                        used_idx = ?q.used_idx(s.mem, Acquire).map(|w| w.0).ok(),
+                        event_idx = q.event_idx_enabled(),
+                        "ring started"
+                    );
                 }
             }
         }

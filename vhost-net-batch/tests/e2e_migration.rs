@@ -217,13 +217,21 @@ fn migrate(qmp_src: &Path, mig: &Path) -> u64 {
 
 /// Waits up to two minutes for a host-side client (iperf3 never times out by itself: a guest
 /// whose network stalled after the move would hang the test).
-fn bounded(mut c: std::process::Child, what: &str, round: u32) -> std::process::Output {
+fn bounded(
+    mut c: std::process::Child,
+    what: &str,
+    round: u32,
+    diag: &dyn Fn() -> String,
+) -> std::process::Output {
     let end = Instant::now() + Duration::from_secs(120);
     while c.try_wait().unwrap().is_none() {
         if Instant::now() > end {
             let _ = c.kill();
             let _ = c.wait();
-            panic!("round {round}: {what} did not end within 120 s: the guest's network stalled");
+            panic!(
+                "round {round}: {what} did not end within 120 s: the guest's network stalled\n{}",
+                diag()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -231,20 +239,28 @@ fn bounded(mut c: std::process::Child, what: &str, round: u32) -> std::process::
 }
 
 /// Checks what ran across a migration; returns a line of figures.
-fn check(t: Traffic, agent: &Path, round: u32, downtime: u64, rcvbuf_before: &mut u64) -> String {
-    let udp_in = bounded(t.udp_in, "the host->guest UDP stream", round);
+fn check(
+    t: Traffic,
+    agent: &Path,
+    round: u32,
+    downtime: u64,
+    rcvbuf_before: &mut u64,
+    diag: &dyn Fn() -> String,
+) -> String {
+    let udp_in = bounded(t.udp_in, "the host->guest UDP stream", round, diag);
     let v: Value = serde_json::from_slice(&udp_in.stdout).unwrap_or_default();
     let sum = &v["end"]["sum"];
     let (lost_in, sent_in) = (
         sum["lost_packets"].as_u64().unwrap_or(u64::MAX),
         sum["packets"].as_u64().unwrap_or(0),
     );
-    let tcp = bounded(t.tcp_in, "the host->guest TCP stream", round);
+    let tcp = bounded(t.tcp_in, "the host->guest TCP stream", round, diag);
     let tv: Value = serde_json::from_slice(&tcp.stdout).unwrap_or_default();
     assert!(
         tv["error"].is_null() && tv["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0) > 0,
-        "round {round}: the TCP stream did not survive the migration: {}",
-        String::from_utf8_lossy(&tcp.stdout)
+        "round {round}: the TCP stream did not survive the migration: {}\n{}",
+        tv["error"],
+        diag()
     );
     let out = gexec(agent, &format!("sleep 1; cat /tmp/udp_out{round}"));
     // iperf3's UDP summary: "... lost/total (pct)" on the receiver line.
@@ -255,7 +271,7 @@ fn check(t: Traffic, agent: &Path, round: u32, downtime: u64, rcvbuf_before: &mu
         })
     });
     // The file: the sender ends once the guest closed after the last byte.
-    let sent = bounded(t.sender, "the file transfer", round);
+    let sent = bounded(t.sender, "the file transfer", round, diag);
     assert!(
         sent.status.success(),
         "round {round}: the file transfer broke: {}",
@@ -332,7 +348,7 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("backend.log")).unwrap();
-    let _backend = Proc(
+    let backend = Proc(
         ns.cmd(&[
             env!("CARGO_BIN_EXE_vhost-net-batch"),
             "serve",
@@ -341,7 +357,7 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
             "--control",
             ctl.to_str().unwrap(),
             "--log",
-            "info",
+            "info,vhost_net_batch::shim=trace",
         ])
         .stderr(log)
         .spawn()
@@ -391,12 +407,16 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
         "180",
     ]));
     let src_agent = dir.join("src.agent");
-    gexec(&src_agent, "iperf3 -s -D -p 5203");
+    gexec(
+        &src_agent,
+        "iperf3 -s -D -p 5203 --logfile /tmp/iperf3-5203.log",
+    );
     run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]));
     let mut figures = Vec::new();
     // The guest's UDP RcvbufErrors so far.
     let mut rcvbuf = 0u64;
     let mut from = (a.clone(), src_qmp, src_agent);
+    let mut from_pid = src_pid;
     let mut to_sock = b.clone();
     for (round, mode) in [(1u32, "off"), (2, "adaptive:1000")] {
         for vm in ["a", "b"] {
@@ -428,8 +448,66 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
         let downtime = migrate(&from.1, &mig);
         let dst_agent = dir.join(format!("{tag}.agent"));
         // The source is done: it quits; its VM's socket listens again.
-        Qmp::connect(&from.1).cmd(r#"{"execute":"quit"}"#);
-        let line = check(t, &dst_agent, round, downtime, &mut rcvbuf);
+        quit(&from.1, from_pid);
+        let diag = || {
+            // What the guest and the backend saw, for a stalled network (the agent talks over
+            // virtio-serial, not the network).
+            let guest = Command::new(repo().join("ci/gexec.py"))
+                .args([dst_agent.to_str().unwrap(), "--timeout", "30", "--"])
+                .arg(
+                    "dmesg | tail -n 30; grep -i virtio /proc/interrupts; \
+                     ethtool -S eth0 2>&1 | grep -v ': 0$'; cat /proc/net/dev; \
+                     tail -n 20 /tmp/iperf3-5203.log",
+                )
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let stats: String = ["a", "b"]
+                .iter()
+                .map(|vm| {
+                    Command::new(env!("CARGO_BIN_EXE_vhost-net-batch"))
+                        .args(["ctl", "--control", ctl.to_str().unwrap(), "stats", vm])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let host: String = [
+                vec!["bridge", "fdb", "show", "br", "br0"],
+                vec!["ip", "neigh"],
+            ]
+            .iter()
+            .map(|c| {
+                ns.cmd(c)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+            // Where each backend thread waits (a handler or worker stuck on a lock shows).
+            let threads: String = std::fs::read_dir(format!("/proc/{}/task", backend.pid()))
+                .map(|d| {
+                    d.flatten()
+                        .map(|t| {
+                            let f = |n: &str| {
+                                std::fs::read_to_string(t.path().join(n))
+                                    .unwrap_or_default()
+                                    .trim()
+                                    .to_string()
+                            };
+                            format!("{} {} {}\n", f("comm"), f("wchan"), f("stat"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let log = std::fs::read_to_string(dir.join("backend.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            format!(
+                "guest:\n{guest}\nhost bridge and neighbours:\n{host}\nbackend stats:\n{stats}\nbackend threads:\n{threads}\nbackend log (last lines):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        };
+        let line = check(t, &dst_agent, round, downtime, &mut rcvbuf, &diag);
         // SAFETY: SIGINT to our ping: it prints its summary and exits.
         unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
         let p = ping.wait_with_output().unwrap();
@@ -443,6 +521,7 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
         // The guest kept its address and answers through the destination's tap.
         run_ok(&mut ns.cmd(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]));
         from = (to_sock.clone(), dst_qmp, dst_agent);
+        from_pid = dst_pid;
         to_sock = if round == 1 { a.clone() } else { b.clone() };
     }
     let log = std::fs::read_to_string(dir.join("backend.log")).unwrap();
@@ -452,8 +531,68 @@ fn a_guest_migrates_and_back_with_traffic_and_held_kicks() {
         on >= 2,
         "the backend should log its writes during each migration (turned on {on} times):\n{log}"
     );
+    // The destination announced the guest (QEMU's SEND_RARP, a few rounds per move) for each
+    // of the two moves: a VM the guest moved to and one it moved back to.
+    let plain = strip_ansi(&log);
+    for vm in ["a", "b"] {
+        let needle = format!("announced the migrated guest (RARP) vm={vm}");
+        assert!(
+            plain.contains(&needle),
+            "no RARP announcement on VM {vm} after the guest moved there:\n{log}"
+        );
+    }
     let text = figures.join("\n") + "\n";
     let _ = std::fs::write(repo().join("target/e2e-migration-figures.txt"), &text);
     print!("{text}");
-    Qmp::connect(&from.1).cmd(r#"{"execute":"quit"}"#);
+    quit(&from.1, from_pid);
+}
+
+/// Asks the QEMU on `qmp` to quit and waits for its process `pid` to end (killed after 10 s).
+/// The monitor may close before the command's reply arrives: QEMU is quitting.
+fn quit(qmp: &Path, pid: u32) {
+    if let Ok(s) = UnixStream::connect(qmp) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut r = BufReader::new(s);
+        let mut l = String::new();
+        // Greeting, capabilities, quit, each waited for: a monitor closed before it read a
+        // command drops it.
+        let _ = r.read_line(&mut l);
+        for c in ["qmp_capabilities", "quit"] {
+            if writeln!(r.get_mut(), "{{\"execute\":\"{c}\"}}").is_err() {
+                break;
+            }
+            l.clear();
+            while r.read_line(&mut l).is_ok_and(|n| n > 0) && !l.contains("\"return\"") {
+                l.clear();
+            }
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    // SAFETY: signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid as i32, 0) } == 0 {
+        if Instant::now() > end {
+            // SAFETY: SIGKILL to the QEMU this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `s` without its terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

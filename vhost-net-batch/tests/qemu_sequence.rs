@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Frontend;
 use vhost_net_batch::shim::{
     recv_message, send_message, Message, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION,
@@ -26,6 +27,7 @@ fn code(name: &str) -> u32 {
         "SET_PROTOCOL_FEATURES" => 16,
         "GET_QUEUE_NUM" => 17,
         "SET_VRING_ENABLE" => 18,
+        "SEND_RARP" => 19,
         "GET_MAX_MEM_SLOTS" => 36,
         other => panic!("fixture names an unknown request {other}"),
     }
@@ -171,4 +173,71 @@ fn qemu_10_0_single_queue() {
 #[test]
 fn qemu_10_0_multiqueue() {
     replay("q10m", include_str!("fixtures/qemu-10.0-q2.txt"), 2);
+}
+
+/// What a migration's destination QEMU sends once the guest runs there, for a guest without
+/// `GUEST_ANNOUNCE`: `SEND_RARP` with the guest's MAC. The backend offers the `RARP` protocol
+/// feature, broadcasts the announcement on the tap and acks it; a payload too short to hold a
+/// MAC is refused (ack 1) and the connection goes on.
+#[test]
+fn send_rarp_announces_the_guest_on_the_tap() {
+    let _ns = Netns::enter("rarp");
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot("rp", "vnbrarp", &sock);
+    let pkt = PacketSocket::bind("vnbrarp");
+    let stream = UnixStream::connect(&sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let ask = |request: u32, flags: u32, payload: Vec<u8>| {
+        send_message(
+            &stream,
+            &Message {
+                request,
+                flags: FLAG_VERSION | flags,
+                payload,
+                fds: vec![],
+            },
+        )
+        .unwrap();
+        let reply = recv_message(&stream).unwrap().expect("connection closed");
+        assert_eq!(reply.request, request);
+        assert_ne!(reply.flags & FLAG_REPLY, 0);
+        reply.payload_u64().unwrap()
+    };
+    let rarp = VhostUserProtocolFeatures::RARP.bits();
+    let proto = ask(code("GET_PROTOCOL_FEATURES"), 0, vec![]);
+    assert_ne!(proto & rarp, 0, "the RARP protocol feature is offered");
+    send_message(
+        &stream,
+        &Message {
+            request: code("SET_PROTOCOL_FEATURES"),
+            flags: FLAG_VERSION,
+            payload: (VhostUserProtocolFeatures::REPLY_ACK.bits() | rarp)
+                .to_le_bytes()
+                .to_vec(),
+            fds: vec![],
+        },
+    )
+    .unwrap();
+    let mac = [0x52, 0x54, 0x00, 0x77, 0x0a, 0x0b];
+    let mut payload = mac.to_vec();
+    payload.extend_from_slice(&[0, 0]);
+    assert_eq!(
+        ask(code("SEND_RARP"), FLAG_NEED_REPLY, payload),
+        0,
+        "SEND_RARP acked as done"
+    );
+    let frame = vhost_net_batch::announce::rarp_frame(mac);
+    assert!(
+        pkt.recv_matching(Duration::from_secs(5), |b| b == frame.as_slice())
+            .is_some(),
+        "no RARP announcement from {mac:02x?} on the tap"
+    );
+    assert_eq!(slot.metrics().vm_counters().announcements, 1);
+    // A payload without a MAC: refused, nothing sent, the connection stays.
+    assert_eq!(ask(code("SEND_RARP"), FLAG_NEED_REPLY, vec![1, 2]), 1);
+    assert_ne!(ask(code("GET_FEATURES"), 0, vec![]), 0);
+    assert_eq!(slot.metrics().vm_counters().announcements, 1);
 }
