@@ -34,6 +34,7 @@ const SET_FEATURES: u32 = 2;
 const RESET_OWNER: u32 = 4;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
+const SEND_RARP: u32 = 19;
 const RESET_DEVICE: u32 = 34;
 
 /// Longest stream fed (well below a Unix socket's send buffer: written before it is read).
@@ -179,6 +180,17 @@ fn check_action(seen: &mut Seen, msg: &Message, action: &Result<Action, ShimErro
             assert!(
                 msg.request != SET_VRING_ENABLE || seen.features_set,
                 "an early SET_VRING_ENABLE was forwarded"
+            );
+            assert_ne!(msg.request, SEND_RARP, "SEND_RARP was forwarded to the crate");
+        }
+        Action::Local { ack } => {
+            assert_eq!(msg.request, SEND_RARP, "handled locally: request {}", msg.request);
+            assert_eq!(
+                *ack,
+                seen.reply_ack && msg.flags & FLAG_NEED_REPLY != 0,
+                "ack of SEND_RARP (REPLY_ACK {}, flags {:#x})",
+                seen.reply_ack,
+                msg.flags
             );
         }
     }
