@@ -36,4 +36,5 @@ pub mod server;
 pub mod shim;
 pub mod tap;
 pub mod timer;
+pub mod vring;
 pub mod worker;

@@ -148,7 +148,7 @@ pub struct Worker {
     outbox: Vec<([u8; control_msg::MAX_FRAME_LEN], usize)>,
     /// The worker's thread has been seen (reported once, for energy accounting).
     thread_seen: bool,
-    /// The RX and TX rings have had their first interrupt on this connection.
+    /// The RX and TX rings' start has been logged on this connection.
     told: [bool; 2],
 }
 
@@ -314,29 +314,21 @@ impl Worker {
             .enumerate()
         {
             if ok && !self.told[i] {
-                if let Some(call) = ring.get_call() {
-                    // Once per ring and connection, as soon as the guest can be told: a
-                    // backend restarted under a live guest may find completions in the used
-                    // ring its predecessor never signalled (an RX batch waiting for its
-                    // timer), and the guest waits for exactly that interrupt. A spurious one
-                    // costs a poll. The eventfd came through the vhost crate without
-                    // close-on-exec: no child process may inherit it.
-                    // SAFETY: F_SETFD on a descriptor the vring owns.
-                    unsafe { libc::fcntl(call.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-                    let _ = call.notify();
-                    self.told[i] = true;
-                    let q = ring.get_queue();
-                    tracing::info!(
-                        vm = %ctx.vm,
-                        ring = if i == 0 { "RX" } else { "TX" },
-                        next_avail = q.next_avail(),
-                        next_used = q.next_used(),
-                        avail_idx = ?q.avail_idx(s.mem, Acquire).map(|w| w.0).ok(),
-                        used_idx = ?q.used_idx(s.mem, Acquire).map(|w| w.0).ok(),
-                        event_idx = q.event_idx_enabled(),
-                        "ring started"
-                    );
-                }
+                // Once per ring and connection, for operators following a restart or a
+                // migration. (The guest's catch-up interrupt is sent when the call eventfd is
+                // installed: `vring.rs`.)
+                self.told[i] = true;
+                let q = ring.get_queue();
+                tracing::info!(
+                    vm = %ctx.vm,
+                    ring = if i == 0 { "RX" } else { "TX" },
+                    next_avail = q.next_avail(),
+                    next_used = q.next_used(),
+                    avail_idx = ?q.avail_idx(s.mem, Acquire).map(|w| w.0).ok(),
+                    used_idx = ?q.used_idx(s.mem, Acquire).map(|w| w.0).ok(),
+                    event_idx = q.event_idx_enabled(),
+                    "ring started"
+                );
             }
         }
         tracing::trace!(rx_ok, tx_ok, ?wake, delays = ?s.delays, "worker wake-up");

@@ -88,9 +88,8 @@ fn the_backend_restarts_under_a_live_guest_ten_times() {
     // Traffic for the whole test, each way: eight UDP flows (they resume as soon as the path
     // does, so they time the restarts) and two TCP streams (they must survive every restart).
     // The tap spreads host->guest flows over its queues by hash (or by the queue the guest last
-    // sent the flow on). With four flows, one restart in about thirty counted no RX on pair 0
-    // while its TX moved; all flows hashed to pair 1 is the likely cause (p = 1/16 per run for
-    // the UDP flows). Eight flows make that 1/256.
+    // sent the flow on): eight flows each way make a pair without traffic unlikely (1/256 for
+    // the UDP flows), so a silent pair means a stalled ring.
     let servers: Vec<Proc> = ["5201", "5202"]
         .iter()
         .map(|port| {

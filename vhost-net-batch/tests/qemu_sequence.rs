@@ -241,3 +241,69 @@ fn send_rarp_announces_the_guest_on_the_tap() {
     assert_ne!(ask(code("GET_FEATURES"), 0, vec![]), 0);
     assert_eq!(slot.metrics().vm_counters().announcements, 1);
 }
+
+/// Every `SET_VRING_CALL` with an eventfd gets one interrupt at once (as libvhost-user does
+/// after a reconnect): completions a previous backend, or a previous descriptor, left
+/// unsignalled are what the guest may be waiting for.
+#[test]
+fn each_new_call_eventfd_is_signalled_once() {
+    let _ns = Netns::enter("callfd");
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let _slot = start_slot("cf", "vnbcallfd", &sock);
+    let stream = UnixStream::connect(&sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let send = |request: u32, payload: Option<u64>, fds: Vec<OwnedFd>| {
+        send_message(
+            &stream,
+            &Message {
+                request,
+                flags: FLAG_VERSION,
+                payload: payload
+                    .map(|v| v.to_le_bytes().to_vec())
+                    .unwrap_or_default(),
+                fds,
+            },
+        )
+        .unwrap();
+    };
+    send(code("GET_FEATURES"), None, vec![]);
+    recv_message(&stream).unwrap().expect("reply");
+    send(code("SET_OWNER"), None, vec![]);
+    for ring in [0u64, 1] {
+        // SAFETY: eventfd(2) returns a new descriptor we own.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        // SAFETY: `efd` is ours; the dup is sent and closed with the message.
+        let (ours, sent) = unsafe {
+            (
+                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd),
+                <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(efd)),
+            )
+        };
+        send(code("SET_VRING_CALL"), Some(ring), vec![sent]);
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let count = loop {
+            let mut v = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer from our non-blocking eventfd.
+            let n = unsafe {
+                libc::read(
+                    std::os::fd::AsRawFd::as_raw_fd(&ours),
+                    v.as_mut_ptr().cast(),
+                    8,
+                )
+            };
+            if n == 8 {
+                break u64::from_ne_bytes(v);
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "ring {ring}: the new call eventfd was never signalled"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(count, 1, "ring {ring}: one interrupt per new call eventfd");
+    }
+}
