@@ -7,6 +7,33 @@
 //! the guest's MAC, as QEMU's own `announce-self` sends for other backends. Without it, host
 //! traffic to an idle guest goes to the old port until a neighbour entry expires.
 
+/// Most announcements sent per second for one connection. QEMU sends one per announce round
+/// (five within a second by default); more is a frontend flooding the host's segment.
+pub const ANNOUNCE_PER_S: u32 = 10;
+
+/// A one-second window of announcements: a frontend cannot make the backend broadcast more than
+/// [`ANNOUNCE_PER_S`] frames a second.
+#[derive(Debug, Default)]
+pub struct AnnounceLimit {
+    window_ns: u64,
+    sent: u32,
+}
+
+impl AnnounceLimit {
+    /// Whether one more announcement may go out at `now_ns` (counts it if so).
+    pub fn allow(&mut self, now_ns: u64) -> bool {
+        if now_ns.saturating_sub(self.window_ns) >= 1_000_000_000 || self.sent == 0 {
+            self.window_ns = now_ns;
+            self.sent = 0;
+        }
+        if self.sent >= ANNOUNCE_PER_S {
+            return false;
+        }
+        self.sent += 1;
+        true
+    }
+}
+
 /// Length of the announcement: the minimum Ethernet frame without its FCS.
 pub const RARP_FRAME_LEN: usize = 60;
 
@@ -52,6 +79,15 @@ mod tests {
         assert_eq!(&f[28..32], &[0; 4]);
         assert_eq!(&f[32..38], &mac);
         assert!(f[38..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn announcements_are_limited_per_second() {
+        let mut l = AnnounceLimit::default();
+        let t0 = 5_000_000_000;
+        assert!((0..ANNOUNCE_PER_S).all(|i| l.allow(t0 + u64::from(i))));
+        assert!(!l.allow(t0 + 999_999_999));
+        assert!(l.allow(t0 + 1_000_000_000));
     }
 
     #[test]

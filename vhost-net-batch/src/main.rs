@@ -333,6 +333,9 @@ fn print_stats(v: &StatsReply) {
     for (name, value, _) in v.total.counters() {
         println!("  {name:<20} {value}");
     }
+    for (name, value, _) in v.vm_counters.counters() {
+        println!("  {name:<20} {value}");
+    }
     let c = &v.control;
     println!(
         "  control: accepted {} clamped {} invalid {} rate-limited {} dropped {} from-tap {} replies-lost {}",

@@ -249,6 +249,9 @@ pub struct VmMetrics {
     pub memory_faults: AtomicU64,
     /// RARP announcements sent for the guest after it migrated here (`SEND_RARP`).
     pub announcements: AtomicU64,
+    /// `SEND_RARP` requests refused: another MAC than the VM's, or more than
+    /// [`ANNOUNCE_PER_S`](crate::announce::ANNOUNCE_PER_S) a second.
+    pub announcements_refused: AtomicU64,
     /// The VM's log-line budget.
     pub log: LogLimiter,
 }
@@ -267,6 +270,9 @@ pub struct VmCounters {
     /// RARP announcements sent after a migration.
     #[serde(default)]
     pub announcements: u64,
+    /// `SEND_RARP` requests refused (another MAC, or over the rate limit).
+    #[serde(default)]
+    pub announcements_refused: u64,
     /// Log lines suppressed by the per-VM budget.
     #[serde(default)]
     pub log_suppressed: u64,
@@ -274,7 +280,7 @@ pub struct VmCounters {
 
 impl VmCounters {
     /// `(name, value, help)` of every counter, for exporters.
-    pub fn counters(&self) -> [(&'static str, u64, &'static str); 6] {
+    pub fn counters(&self) -> [(&'static str, u64, &'static str); 7] {
         [
             ("connections", self.connections, "Frontend connections accepted"),
             (
@@ -292,6 +298,11 @@ impl VmCounters {
                 "announcements",
                 self.announcements,
                 "RARP announcements sent for the guest after it migrated here (SEND_RARP)",
+            ),
+            (
+                "announcements_refused",
+                self.announcements_refused,
+                "SEND_RARP requests refused: another MAC than the VM's, or over the rate limit",
             ),
             (
                 "log_suppressed",
@@ -312,6 +323,7 @@ impl VmMetrics {
             panics: AtomicU64::new(0),
             memory_faults: AtomicU64::new(0),
             announcements: AtomicU64::new(0),
+            announcements_refused: AtomicU64::new(0),
             log: LogLimiter::default(),
         }
     }
@@ -324,6 +336,7 @@ impl VmMetrics {
             panics: self.panics.load(Relaxed),
             memory_faults: self.memory_faults.load(Relaxed),
             announcements: self.announcements.load(Relaxed),
+            announcements_refused: self.announcements_refused.load(Relaxed),
             log_suppressed: self.log.suppressed(),
         }
     }

@@ -334,6 +334,8 @@ impl VmSlot {
         let tap = &self.tap;
         let vm = &self.cfg.name;
         let metrics = &self.metrics;
+        let own_mac = self.cfg.mac().0;
+        let mut limit = crate::announce::AnnounceLimit::default();
         let relayed = shim::relay(
             frontend,
             &backend_side,
@@ -348,19 +350,40 @@ impl VmSlot {
                 }
             },
             // SEND_RARP, the only message the shim handles: the guest has just moved here.
+            // Only the VM's own MAC is announced (another would point the segment's switches
+            // at this tap for someone else's traffic), at most ANNOUNCE_PER_S a second.
             &mut |msg| {
-                let Some(mac) = crate::announce::rarp_mac(&msg.payload) else {
-                    tracing::warn!(%vm, "SEND_RARP without a MAC address");
-                    return false;
+                let now = crate::timer::now_ns();
+                let refuse = |why: &str| {
+                    metrics.announcements_refused.fetch_add(1, Relaxed);
+                    if metrics.log.allow(now).is_some() {
+                        tracing::warn!(%vm, why, "refused SEND_RARP");
+                    }
+                    false
                 };
+                let Some(mac) = crate::announce::rarp_mac(&msg.payload) else {
+                    return refuse("no MAC address in the message");
+                };
+                if mac != own_mac {
+                    return refuse(
+                        "not the VM's MAC address (give the backend QEMU's MAC with --mac)",
+                    );
+                }
+                if !limit.allow(now) {
+                    return refuse("more announcements than ANNOUNCE_PER_S in a second");
+                }
                 match tap.send_frame(&crate::announce::rarp_frame(mac)) {
                     Ok(()) => {
                         metrics.announcements.fetch_add(1, Relaxed);
-                        tracing::info!(%vm, mac = %format_mac(mac), "announced the migrated guest (RARP)");
+                        if metrics.log.allow(now).is_some() {
+                            tracing::info!(%vm, mac = %format_mac(mac), "announced the migrated guest (RARP)");
+                        }
                         true
                     }
                     Err(e) => {
-                        tracing::warn!(%vm, %e, "cannot announce the migrated guest");
+                        if metrics.log.allow(now).is_some() {
+                            tracing::warn!(%vm, %e, "cannot announce the migrated guest");
+                        }
                         false
                     }
                 }

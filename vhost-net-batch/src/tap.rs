@@ -70,6 +70,15 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    /// A frame the backend made itself could not be written to the tap.
+    #[error("tap {name:?}: cannot write a frame: {source}")]
+    Write {
+        /// Interface name.
+        name: String,
+        /// The kernel's error, or why the frame was not sent.
+        #[source]
+        source: io::Error,
+    },
 }
 
 #[repr(C)]
@@ -250,12 +259,26 @@ impl Tap {
         if unsafe { libc::ioctl(q, libc::TUNGETVNETHDRSZ, &mut len) } < 0 {
             return Err(err("TUNGETVNETHDRSZ", io::Error::last_os_error()));
         }
-        let mut buf = vec![0u8; len.clamp(0, 64) as usize];
+        let write_err = |source| TapError::Write {
+            name: self.name.clone(),
+            source,
+        };
+        // The device's header is 10 or 12 bytes (this backend sets it); anything else is not
+        // a tap this code knows how to frame for.
+        if !(10..=12).contains(&len) {
+            return Err(write_err(io::Error::other(format!(
+                "unexpected virtio-net header length {len}"
+            ))));
+        }
+        let mut buf = vec![0u8; len as usize];
         buf.extend_from_slice(frame);
         // SAFETY: writes `buf.len()` bytes from a live buffer to the queue's descriptor.
         let n = unsafe { libc::write(q, buf.as_ptr().cast(), buf.len()) };
         if n < 0 {
-            return Err(err("write", io::Error::last_os_error()));
+            return Err(write_err(io::Error::last_os_error()));
+        }
+        if n as usize != buf.len() {
+            return Err(write_err(io::Error::other("short write")));
         }
         Ok(())
     }

@@ -26,10 +26,14 @@ use crate::device::GuestMem;
 #[derive(Clone)]
 pub struct Vring(VringRwLock<GuestMem>);
 
-/// Whether `f` is an eventfd (anything else a frontend passes is never written to here).
+/// Whether `f` looks like an eventfd: the catch-up interrupt is written only to one (a file a
+/// frontend passes instead gets no bytes from it). Without `/proc` there is no telling: then
+/// it is written, as the crate writes every later interrupt to whatever was installed.
 fn is_eventfd(f: &File) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
-        .is_ok_and(|p| p.as_os_str() == "anon_inode:[eventfd]")
+    match std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) {
+        Ok(p) => p.as_os_str() == "anon_inode:[eventfd]",
+        Err(_) => true,
+    }
 }
 
 impl<'a> VringStateGuard<'a, GuestMem> for Vring {
@@ -122,13 +126,19 @@ impl VringT<GuestMem> for Vring {
         self.0.read_kick()
     }
 
-    /// Installs the new call eventfd (close-on-exec: no child process may inherit it) and
-    /// signals it once, under the vring's lock.
+    /// Installs the new call eventfd and signals it once, under the vring's lock. It is made
+    /// close-on-exec (no child process may inherit it) and non-blocking: an eventfd a frontend
+    /// filled to its limit would otherwise block every interrupt write, and with it the vring.
     fn set_call(&self, file: Option<File>) {
         let notify = file.as_ref().is_some_and(|f| {
-            // SAFETY: F_SETFD on a descriptor `f` owns.
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-            is_eventfd(f)
+            let fd = f.as_raw_fd();
+            // SAFETY: F_SETFD/F_GETFL/F_SETFL on a descriptor `f` owns; no memory is passed.
+            let nonblocking = unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+            };
+            nonblocking && is_eventfd(f)
         });
         self.0.set_call(file);
         if notify {
@@ -200,5 +210,29 @@ mod tests {
         assert_eq!(f.metadata().unwrap().len(), 0);
         v.set_call(None);
         assert!(v.get_ref().get_call().is_none());
+    }
+
+    #[test]
+    fn a_full_blocking_eventfd_from_the_frontend_blocks_nothing() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let v = Vring::new(mem, 256).unwrap();
+        // SAFETY: a blocking eventfd filled to its limit (one more write would block).
+        let f = unsafe {
+            let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
+            assert!(fd >= 0);
+            let full = (u64::MAX - 1).to_ne_bytes();
+            assert_eq!(libc::write(fd, full.as_ptr().cast(), 8), 8);
+            File::from_raw_fd(fd)
+        };
+        v.set_call(Some(f));
+        assert!(v.signal_used_queue().is_err(), "EAGAIN, not a hang");
+        let fd = v.get_ref().get_call().as_ref().unwrap().as_raw_fd();
+        // SAFETY: F_GETFL on a descriptor the vring owns.
+        assert_ne!(
+            unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK,
+            0
+        );
     }
 }

@@ -318,6 +318,9 @@ impl Worker {
                 // migration. (The guest's catch-up interrupt is sent when the call eventfd is
                 // installed: `vring.rs`.)
                 self.told[i] = true;
+                if ctx.metrics.log.allow(now).is_none() {
+                    continue;
+                }
                 let q = ring.get_queue();
                 tracing::info!(
                     vm = %ctx.vm,

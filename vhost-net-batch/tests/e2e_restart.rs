@@ -88,8 +88,9 @@ fn the_backend_restarts_under_a_live_guest_ten_times() {
     // Traffic for the whole test, each way: eight UDP flows (they resume as soon as the path
     // does, so they time the restarts) and two TCP streams (they must survive every restart).
     // The tap spreads host->guest flows over its queues by hash (or by the queue the guest last
-    // sent the flow on): eight flows each way make a pair without traffic unlikely (1/256 for
-    // the UDP flows), so a silent pair means a stalled ring.
+    // sent the flow on): with eight UDP flows each way (and two TCP streams), the chance that
+    // either pair gets none of the UDP flows is 1/128, so a silent pair most likely means a
+    // stalled ring.
     let servers: Vec<Proc> = ["5201", "5202"]
         .iter()
         .map(|port| {

@@ -221,11 +221,10 @@ fn send_rarp_announces_the_guest_on_the_tap() {
         },
     )
     .unwrap();
-    let mac = [0x52, 0x54, 0x00, 0x77, 0x0a, 0x0b];
-    let mut payload = mac.to_vec();
-    payload.extend_from_slice(&[0, 0]);
+    let mac = slot.config().mac().0;
+    let payload = |m: [u8; 6]| [&m[..], &[0, 0]].concat();
     assert_eq!(
-        ask(code("SEND_RARP"), FLAG_NEED_REPLY, payload),
+        ask(code("SEND_RARP"), FLAG_NEED_REPLY, payload(mac)),
         0,
         "SEND_RARP acked as done"
     );
@@ -236,10 +235,40 @@ fn send_rarp_announces_the_guest_on_the_tap() {
         "no RARP announcement from {mac:02x?} on the tap"
     );
     assert_eq!(slot.metrics().vm_counters().announcements, 1);
-    // A payload without a MAC: refused, nothing sent, the connection stays.
+    // A payload without a MAC, or another MAC than the VM's (it would steer someone else's
+    // traffic to this tap): refused, nothing sent, the connection stays.
     assert_eq!(ask(code("SEND_RARP"), FLAG_NEED_REPLY, vec![1, 2]), 1);
+    let mut other = mac;
+    other[5] ^= 1;
+    assert_eq!(ask(code("SEND_RARP"), FLAG_NEED_REPLY, payload(other)), 1);
+    let stray = vhost_net_batch::announce::rarp_frame(other);
+    assert!(
+        pkt.recv_matching(Duration::from_millis(300), |b| b == stray.as_slice())
+            .is_none(),
+        "a foreign MAC was announced"
+    );
     assert_ne!(ask(code("GET_FEATURES"), 0, vec![]), 0);
-    assert_eq!(slot.metrics().vm_counters().announcements, 1);
+    let c = slot.metrics().vm_counters();
+    assert_eq!((c.announcements, c.announcements_refused), (1, 2));
+    // At most ANNOUNCE_PER_S a second: a flood of three seconds' worth, sent in far less than
+    // a second (it may straddle one window boundary), is cut to at most two windows' worth.
+    let per_s = vhost_net_batch::announce::ANNOUNCE_PER_S;
+    let t = std::time::Instant::now();
+    let acks: Vec<u64> = (0..3 * per_s)
+        .map(|_| ask(code("SEND_RARP"), FLAG_NEED_REPLY, payload(mac)))
+        .collect();
+    let took = t.elapsed();
+    let sent = acks.iter().filter(|&&a| a == 0).count() as u32;
+    assert!(
+        took >= Duration::from_secs(1) || sent < 2 * per_s,
+        "{sent} of {} announcements went out in {took:?}",
+        acks.len()
+    );
+    let c = slot.metrics().vm_counters();
+    assert_eq!(
+        c.announcements + c.announcements_refused,
+        3 + acks.len() as u64
+    );
 }
 
 /// Every `SET_VRING_CALL` with an eventfd gets one interrupt at once (as libvhost-user does
@@ -305,5 +334,16 @@ fn each_new_call_eventfd_is_signalled_once() {
             std::thread::sleep(Duration::from_millis(10));
         };
         assert_eq!(count, 1, "ring {ring}: one interrupt per new call eventfd");
+        std::thread::sleep(Duration::from_millis(100));
+        let mut v = [0u8; 8];
+        // SAFETY: as above.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&ours),
+                v.as_mut_ptr().cast(),
+                8,
+            )
+        };
+        assert!(n < 0, "ring {ring}: a second interrupt without completions");
     }
 }
