@@ -28,6 +28,11 @@ pub struct PhaseFit {
     /// `None` when it did not within the phase, or when there was no way to go (see
     /// [`MIN_STEP`]).
     pub rise_s: Option<f64>,
+    /// The policy's own lag: seconds from the first sample whose traffic share (that sample's
+    /// sent over sent and received) covered 90 % of the way from `p_start` to `share`, until
+    /// `p*` did. Unlike `rise_s`, TCP's ramp at the phase's start is left out: a policy that
+    /// follows the traffic instantly has a lag of 0 however slowly the traffic settles.
+    pub lag_s: Option<f64>,
     /// Whether the phase asked the policy to move (the share lies `MIN_STEP` or more away).
     pub step: bool,
     /// Mean distance between `p*` and `share` over the phase.
@@ -70,14 +75,28 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
             .map_or(ph.t_s, |p| p.t_s);
         let gap = share - p_start;
         let step = gap.abs() >= MIN_STEP;
-        let rise_s = step
+        let policy_at = step
             .then(|| {
                 inside
                     .iter()
                     .find(|p| (p.send_ratio - p_start) / gap >= 0.9)
-                    .map(|p| (p.t_s - flowing_s).max(0.0))
+                    .map(|p| p.t_s)
             })
             .flatten();
+        let rise_s = policy_at.map(|t| (t - flowing_s).max(0.0));
+        let traffic_at = step
+            .then(|| {
+                inside
+                    .iter()
+                    .filter(|p| p.tx_pps + p.rx_pps > 0.0)
+                    .find(|p| (p.tx_pps / (p.tx_pps + p.rx_pps) - p_start) / gap >= 0.9)
+                    .map(|p| p.t_s)
+            })
+            .flatten();
+        let lag_s = match (policy_at, traffic_at) {
+            (Some(p), Some(t)) => Some((p - t).max(0.0)),
+            _ => None,
+        };
         let mean_error = inside
             .iter()
             .map(|p| (p.send_ratio - share).abs())
@@ -90,6 +109,7 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
             share,
             p_start,
             rise_s,
+            lag_s,
             step,
             mean_error,
         });
@@ -152,10 +172,41 @@ mod tests {
         // traffic (0.1 s).
         assert!((f[0].flowing_s - 0.1).abs() < 1e-9);
         assert!((f[0].rise_s.unwrap() - 0.8).abs() < 1e-9, "{:?}", f[0]);
+        // The traffic was at its share from its first sample: the lag is the whole rise.
+        assert!((f[0].lag_s.unwrap() - 0.8).abs() < 1e-9, "{:?}", f[0]);
+        assert!(f[2].lag_s.is_none());
         assert!(!f[1].step && f[1].rise_s.is_none());
         assert!(f[2].step && f[2].rise_s.is_none());
         assert!((f[2].flowing_s - 4.5).abs() < 1e-9, "{:?}", f[2]);
         assert!(f[2].mean_error > 0.7);
         assert!(fit(&RunResult::default()).is_empty());
+    }
+
+    #[test]
+    fn a_policy_that_follows_a_slowly_settling_traffic_has_no_lag() {
+        // The traffic's share slides from 0.5 to 0.2 over 1.5 s (TCP opening its window); p*
+        // equals each sample's share.
+        let mut series = vec![point(0.0, 0.5, 0.0, 0.0)];
+        for k in 1..=40 {
+            let share = (0.5 - 0.02 * k as f64).max(0.2);
+            series.push(point(
+                k as f64 * 0.1,
+                share,
+                1000.0 * share,
+                1000.0 * (1.0 - share),
+            ));
+        }
+        let r = RunResult {
+            series,
+            phases: vec![PhaseMark {
+                t_s: 0.0,
+                name: "receive".into(),
+            }],
+            ..Default::default()
+        };
+        let f = &fit(&r)[0];
+        assert!(f.step);
+        assert!(f.rise_s.unwrap() > 1.0, "{f:?}");
+        assert!(f.lag_s.unwrap() < 1e-9, "{f:?}");
     }
 }
