@@ -148,7 +148,7 @@ pub struct Worker {
     outbox: Vec<([u8; control_msg::MAX_FRAME_LEN], usize)>,
     /// The worker's thread has been seen (reported once, for energy accounting).
     thread_seen: bool,
-    /// The RX and TX rings' start has been logged on this connection.
+    /// The RX and TX rings have had their first interrupt on this connection.
     told: [bool; 2],
 }
 
@@ -314,10 +314,17 @@ impl Worker {
             .enumerate()
         {
             if ok && !self.told[i] {
-                // Once per ring and connection, for operators following a restart or a
-                // migration. (The guest's catch-up interrupt is sent when the call eventfd is
-                // installed: `vring.rs`.)
+                // Once per ring and connection, as soon as the ring runs: one interrupt, and the
+                // ring's start logged for operators following a restart or a migration. With
+                // QEMU this first wake-up may come before the real call eventfd is in place (it
+                // then goes to the masked notifier): `vring.rs` signals every new call eventfd
+                // too. Measured on `e2e_restart`: with both, traffic is back on both pairs in
+                // 0.09-0.12 s; with the `vring.rs` one alone, 8 restarts in 10 took 1.0 s (the
+                // host's ARP retry: the guest had not looked at its first RX frames).
                 self.told[i] = true;
+                if let Some(call) = ring.get_call() {
+                    let _ = call.notify();
+                }
                 if ctx.metrics.log.allow(now).is_none() {
                     continue;
                 }
