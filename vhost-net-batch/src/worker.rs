@@ -318,9 +318,7 @@ impl Worker {
                 // ring's start logged for operators following a restart or a migration. With
                 // QEMU this first wake-up may come before the real call eventfd is in place (it
                 // then goes to the masked notifier): `vring.rs` signals every new call eventfd
-                // too. Measured on `e2e_restart`: with both, traffic is back on both pairs in
-                // 0.09-0.12 s; with the `vring.rs` one alone, 8 restarts in 10 took 1.0 s (the
-                // host's ARP retry: the guest had not looked at its first RX frames).
+                // too.
                 self.told[i] = true;
                 if let Some(call) = ring.get_call() {
                     let _ = call.notify();
