@@ -7,32 +7,11 @@
 //! the guest's MAC, as QEMU's own `announce-self` sends for other backends. Without it, host
 //! traffic to an idle guest goes to the old port until a neighbour entry expires.
 
-/// Most announcements sent per second for one connection. QEMU sends one per announce round
-/// (five within a second by default); more is a frontend flooding the host's segment.
-pub const ANNOUNCE_PER_S: u32 = 10;
-
-/// A one-second window of announcements: a frontend cannot make the backend broadcast more than
-/// [`ANNOUNCE_PER_S`] frames a second.
-#[derive(Debug, Default)]
-pub struct AnnounceLimit {
-    window_ns: u64,
-    sent: u32,
-}
-
-impl AnnounceLimit {
-    /// Whether one more announcement may go out at `now_ns` (counts it if so).
-    pub fn allow(&mut self, now_ns: u64) -> bool {
-        if now_ns.saturating_sub(self.window_ns) >= 1_000_000_000 || self.sent == 0 {
-            self.window_ns = now_ns;
-            self.sent = 0;
-        }
-        if self.sent >= ANNOUNCE_PER_S {
-            return false;
-        }
-        self.sent += 1;
-        true
-    }
-}
+/// Most announcements sent per second for one connection (a
+/// [`LogLimiter::per_second`](crate::metrics::LogLimiter::per_second) budget). QEMU sends one
+/// per announce round (five within a second by default); more is a frontend flooding the host's
+/// segment.
+pub const ANNOUNCE_PER_S: u64 = 10;
 
 /// Length of the announcement: the minimum Ethernet frame without its FCS.
 pub const RARP_FRAME_LEN: usize = 60;
@@ -83,11 +62,11 @@ mod tests {
 
     #[test]
     fn announcements_are_limited_per_second() {
-        let mut l = AnnounceLimit::default();
+        let l = crate::metrics::LogLimiter::per_second(ANNOUNCE_PER_S);
         let t0 = 5_000_000_000;
-        assert!((0..ANNOUNCE_PER_S).all(|i| l.allow(t0 + u64::from(i))));
-        assert!(!l.allow(t0 + 999_999_999));
-        assert!(l.allow(t0 + 1_000_000_000));
+        assert!((0..ANNOUNCE_PER_S).all(|i| l.allow(t0 + i).is_some()));
+        assert!(l.allow(t0 + 999_999_999).is_none());
+        assert!(l.allow(t0 + 1_000_000_000).is_some());
     }
 
     #[test]

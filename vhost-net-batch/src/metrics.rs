@@ -199,17 +199,36 @@ impl QueueStats {
 /// counted and the next line logged says how many were suppressed.
 pub const LOG_LINES_PER_SEC: u64 = 5;
 
-/// A per-VM budget of log lines ([`LOG_LINES_PER_SEC`]), shared by the VM's threads, so that
-/// nothing a guest or frontend does can flood the host's log.
-#[derive(Debug, Default)]
+/// A per-second budget, shared by threads: by default the per-VM budget of log lines
+/// ([`LOG_LINES_PER_SEC`]), so that nothing a guest or frontend does can flood the host's log;
+/// [`LogLimiter::per_second`] gives another budget (RARP announcements).
+#[derive(Debug)]
 pub struct LogLimiter {
+    budget: u64,
     second: AtomicU64,
     lines: AtomicU64,
     since_last: AtomicU64,
     suppressed: AtomicU64,
 }
 
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self::per_second(LOG_LINES_PER_SEC)
+    }
+}
+
 impl LogLimiter {
+    /// A budget of `budget` events per second of the clock.
+    pub fn per_second(budget: u64) -> Self {
+        LogLimiter {
+            budget,
+            second: AtomicU64::new(0),
+            lines: AtomicU64::new(0),
+            since_last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
     /// Whether a line may be logged at `now_ns` (any monotonic clock): `Some(n)` if so, `n`
     /// being the lines suppressed since the last one logged; `None` (counted) if not.
     pub fn allow(&self, now_ns: u64) -> Option<u64> {
@@ -217,7 +236,7 @@ impl LogLimiter {
         if self.second.swap(sec, Relaxed) != sec {
             self.lines.store(0, Relaxed);
         }
-        if self.lines.fetch_add(1, Relaxed) < LOG_LINES_PER_SEC {
+        if self.lines.fetch_add(1, Relaxed) < self.budget {
             Some(self.since_last.swap(0, Relaxed))
         } else {
             self.since_last.fetch_add(1, Relaxed);

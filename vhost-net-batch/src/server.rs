@@ -335,7 +335,7 @@ impl VmSlot {
         let vm = &self.cfg.name;
         let metrics = &self.metrics;
         let own_mac = self.cfg.mac().0;
-        let mut limit = crate::announce::AnnounceLimit::default();
+        let limit = crate::metrics::LogLimiter::per_second(crate::announce::ANNOUNCE_PER_S);
         let relayed = shim::relay(
             frontend,
             &backend_side,
@@ -369,7 +369,7 @@ impl VmSlot {
                         "not the VM's MAC address (give the backend QEMU's MAC with --mac)",
                     );
                 }
-                if !limit.allow(now) {
+                if limit.allow(now).is_none() {
                     return refuse("more announcements than ANNOUNCE_PER_S in a second");
                 }
                 match tap.send_frame(&crate::announce::rarp_frame(mac)) {

@@ -258,7 +258,7 @@ fn send_rarp_announces_the_guest_on_the_tap() {
         .map(|_| ask(code("SEND_RARP"), FLAG_NEED_REPLY, payload(mac)))
         .collect();
     let took = t.elapsed();
-    let sent = acks.iter().filter(|&&a| a == 0).count() as u32;
+    let sent = acks.iter().filter(|&&a| a == 0).count() as u64;
     assert!(
         took >= Duration::from_secs(1) || sent < 2 * per_s,
         "{sent} of {} announcements went out in {took:?}",
