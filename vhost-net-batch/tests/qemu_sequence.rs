@@ -40,6 +40,29 @@ fn parse_u64(s: &str) -> u64 {
     }
 }
 
+/// A raw vhost-user connection to `sock`, replies awaited at most 5 s.
+fn raw_connect(sock: &std::path::Path) -> UnixStream {
+    let stream = UnixStream::connect(sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+}
+
+/// Sends one message (`flags` besides the version flag).
+fn send_raw(stream: &UnixStream, request: u32, flags: u32, payload: Vec<u8>, fds: Vec<OwnedFd>) {
+    send_message(
+        stream,
+        &Message {
+            request,
+            flags: FLAG_VERSION | flags,
+            payload,
+            fds,
+        },
+    )
+    .unwrap();
+}
+
 /// `tag` must be unique per test: it names the test's namespace and tap.
 fn replay(tag: &str, fixture: &str, queues: u16) {
     let _ns = Netns::enter(tag);
@@ -48,10 +71,7 @@ fn replay(tag: &str, fixture: &str, queues: u16) {
     let tap = format!("vnb{tag}");
     let _slot = start_slot_mq("sq", &tap, &sock, queues);
     let pkt = PacketSocket::bind(&tap);
-    let stream = UnixStream::connect(&sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let stream = raw_connect(&sock);
     let mut early_enables = 0;
     for line in fixture
         .lines()
@@ -76,17 +96,8 @@ fn replay(tag: &str, fixture: &str, queues: u16) {
         } else {
             vec![]
         };
-        let flags = FLAG_VERSION | if need_reply { FLAG_NEED_REPLY } else { 0 };
-        send_message(
-            &stream,
-            &Message {
-                request,
-                flags,
-                payload,
-                fds,
-            },
-        )
-        .unwrap();
+        let flags = if need_reply { FLAG_NEED_REPLY } else { 0 };
+        send_raw(&stream, request, flags, payload, fds);
         if request == 18 {
             early_enables += 1;
         }
@@ -186,21 +197,9 @@ fn send_rarp_announces_the_guest_on_the_tap() {
     let sock = dir.join("vm.sock");
     let slot = start_slot("rp", "vnbrarp", &sock);
     let pkt = PacketSocket::bind("vnbrarp");
-    let stream = UnixStream::connect(&sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let stream = raw_connect(&sock);
     let ask = |request: u32, flags: u32, payload: Vec<u8>| {
-        send_message(
-            &stream,
-            &Message {
-                request,
-                flags: FLAG_VERSION | flags,
-                payload,
-                fds: vec![],
-            },
-        )
-        .unwrap();
+        send_raw(&stream, request, flags, payload, vec![]);
         let reply = recv_message(&stream).unwrap().expect("connection closed");
         assert_eq!(reply.request, request);
         assert_ne!(reply.flags & FLAG_REPLY, 0);
@@ -209,18 +208,15 @@ fn send_rarp_announces_the_guest_on_the_tap() {
     let rarp = VhostUserProtocolFeatures::RARP.bits();
     let proto = ask(code("GET_PROTOCOL_FEATURES"), 0, vec![]);
     assert_ne!(proto & rarp, 0, "the RARP protocol feature is offered");
-    send_message(
+    send_raw(
         &stream,
-        &Message {
-            request: code("SET_PROTOCOL_FEATURES"),
-            flags: FLAG_VERSION,
-            payload: (VhostUserProtocolFeatures::REPLY_ACK.bits() | rarp)
-                .to_le_bytes()
-                .to_vec(),
-            fds: vec![],
-        },
-    )
-    .unwrap();
+        code("SET_PROTOCOL_FEATURES"),
+        0,
+        (VhostUserProtocolFeatures::REPLY_ACK.bits() | rarp)
+            .to_le_bytes()
+            .to_vec(),
+        vec![],
+    );
     let mac = slot.config().mac().0;
     let payload = |m: [u8; 6]| [&m[..], &[0, 0]].concat();
     assert_eq!(
@@ -280,23 +276,10 @@ fn each_new_call_eventfd_is_signalled_once() {
     let dir = tempdir();
     let sock = dir.join("vm.sock");
     let _slot = start_slot("cf", "vnbcallfd", &sock);
-    let stream = UnixStream::connect(&sock).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let stream = raw_connect(&sock);
     let send = |request: u32, payload: Option<u64>, fds: Vec<OwnedFd>| {
-        send_message(
-            &stream,
-            &Message {
-                request,
-                flags: FLAG_VERSION,
-                payload: payload
-                    .map(|v| v.to_le_bytes().to_vec())
-                    .unwrap_or_default(),
-                fds,
-            },
-        )
-        .unwrap();
+        let payload = payload.map(|v| v.to_le_bytes().to_vec());
+        send_raw(&stream, request, 0, payload.unwrap_or_default(), fds);
     };
     send(code("GET_FEATURES"), None, vec![]);
     recv_message(&stream).unwrap().expect("reply");
