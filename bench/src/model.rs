@@ -137,8 +137,10 @@ impl GuestDriver {
 
 /// Settings beyond the mode, written after `@` in a configuration name, comma separated:
 /// `paper` or `fast` (`--policy`), `floor=N` (`--rate-floor-pps`), `frames=F`
-/// (`--period-frames`), and the guest's driver, `guest=patched` or `guest=timer:US`.
-/// `adaptive:500@paper`, `fixed:500@floor=0,frames=0.25`, `off@guest=timer:500`.
+/// (`--period-frames`), `notify=N` (`--notify-per-period`), and the guest's driver,
+/// `guest=patched` or `guest=timer:US`.
+/// `adaptive:500@paper`, `fixed:500@floor=0,frames=0.25`, `adaptive:500@notify=0`,
+/// `off@guest=timer:500`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tuning {
     /// The EWMA rule.
@@ -147,6 +149,9 @@ pub struct Tuning {
     pub rate_floor_pps: Option<u32>,
     /// Frames per delay period a direction needs to be delayed (as written).
     pub period_frames: Option<String>,
+    /// Notifications per period `adaptive` needs to delay a VM (as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_per_period: Option<String>,
     /// The guest's driver (stock when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestDriver>,
@@ -161,7 +166,7 @@ impl Tuning {
         let mut t = Tuning::default();
         let bad = |what: &str| {
             BenchError::Input(format!(
-                "bad setting {what:?} after '@': use paper, fast, floor=PPS, frames=F, guest=patched or guest=timer:US"
+                "bad setting {what:?} after '@': use paper, fast, floor=PPS, frames=F, notify=N, guest=patched or guest=timer:US"
             ))
         };
         for opt in s.split(',') {
@@ -178,12 +183,17 @@ impl Tuning {
                         .ok_or_else(|| bad(opt))?;
                     t.guest = Some(GuestDriver::Timer(us));
                 }
-                Some(("frames", v)) => {
+                Some((key @ ("frames" | "notify"), v)) => {
                     let f: f64 = v.parse().map_err(|_| bad(opt))?;
                     if !(0.0..=64.0).contains(&f) {
                         return Err(bad(opt));
                     }
-                    t.period_frames = Some(v.to_string());
+                    let slot = if key == "frames" {
+                        &mut t.period_frames
+                    } else {
+                        &mut t.notify_per_period
+                    };
+                    *slot = Some(v.to_string());
                 }
                 _ => return Err(bad(opt)),
             }
@@ -206,6 +216,10 @@ impl Tuning {
             a.push("--period-frames".into());
             a.push(f.clone());
         }
+        if let Some(f) = &self.notify_per_period {
+            a.push("--notify-per-period".into());
+            a.push(f.clone());
+        }
         a
     }
 }
@@ -221,6 +235,9 @@ impl fmt::Display for Tuning {
         }
         if let Some(v) = &self.period_frames {
             parts.push(format!("frames={v}"));
+        }
+        if let Some(v) = &self.notify_per_period {
+            parts.push(format!("notify={v}"));
         }
         if let Some(g) = self.guest {
             parts.push(format!("guest={}", g.name()));
@@ -536,9 +553,16 @@ mod tests {
             "adaptive:1000",
             "qemu-tap",
             "qemu-tap-txtimer",
+            "adaptive:500@notify=0",
+            "fixed:500@floor=0,frames=0.25",
         ] {
             assert_eq!(c.parse::<Backend>().unwrap().name(), c);
         }
+        let Backend::Ours { tuning, .. } = "adaptive:500@notify=2".parse::<Backend>().unwrap()
+        else {
+            panic!("not ours");
+        };
+        assert_eq!(tuning.args(), ["--notify-per-period", "2"]);
         for bad in [
             "on",
             "off:5",
@@ -546,6 +570,8 @@ mod tests {
             "adaptive:0",
             "adaptive:100001",
             "qemu",
+            "adaptive:500@notify=65",
+            "adaptive:500@notify=x",
         ] {
             assert!(bad.parse::<Backend>().is_err(), "{bad}");
         }

@@ -10,7 +10,7 @@ use control_msg::{ENERGY_UNKNOWN, MAX_FRAME_LEN};
 
 use crate::control::{ControlCounts, ControlPlane, Outcome};
 use crate::metrics::VmMetrics;
-use crate::policy::{Delays, ModeKind, Policy, PolicyConfig, PolicyView, Valves};
+use crate::policy::{Delays, ModeKind, Policy, PolicyConfig, PolicyView, Totals, Valves};
 
 /// Gives a VM's apportioned energy since attach, in µJ.
 pub type EnergySource = Box<dyn Fn() -> Option<u64> + Send + Sync>;
@@ -41,12 +41,16 @@ impl std::fmt::Debug for VmBatching {
     }
 }
 
-fn totals(m: &VmMetrics) -> (u64, u64) {
-    m.queues.iter().fold((0, 0), |(s, r), q| {
-        (
-            s + q.tx_packets.load(Relaxed),
-            r + q.rx_packets.load(Relaxed),
-        )
+/// The VM's packets each way and its notifications (interrupts and kicks, all queues).
+fn totals(m: &VmMetrics) -> Totals {
+    m.queues.iter().fold(Totals::default(), |t, q| Totals {
+        sent: t.sent + q.tx_packets.load(Relaxed),
+        recv: t.recv + q.rx_packets.load(Relaxed),
+        notifications: t.notifications
+            + q.tx_interrupts.load(Relaxed)
+            + q.rx_interrupts.load(Relaxed)
+            + q.tx_kicks.load(Relaxed)
+            + q.rx_kicks.load(Relaxed),
     })
 }
 

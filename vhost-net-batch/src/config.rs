@@ -214,6 +214,12 @@ pub struct VmConfig {
     #[arg(long, value_name = "F")]
     #[serde(default)]
     pub period_frames: Option<f64>,
+    /// `adaptive` delays only a VM that, measured without delays, sends at least this many
+    /// notifications (interrupts + kicks) per period T (default 1 with `--policy fast`, 0 =
+    /// no check with `--policy paper`; 0 to 64).
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub notify_per_period: Option<f64>,
     /// The vhost-user socket's permission bits, octal (default 0600: the daemon's user only).
     #[arg(long, value_name = "MODE")]
     #[serde(default)]
@@ -246,6 +252,7 @@ impl VmConfig {
             update_ms: None,
             rate_floor_pps: None,
             period_frames: None,
+            notify_per_period: None,
             socket_mode: None,
             socket_group: None,
         }
@@ -272,6 +279,9 @@ impl VmConfig {
             update_ms: self.update_ms.unwrap_or(rule.default_update_ms()),
             rate_floor_pps: self.rate_floor_pps.unwrap_or(d.rate_floor_pps),
             period_frames: self.period_frames.unwrap_or(d.period_frames),
+            notify_per_period: self
+                .notify_per_period
+                .unwrap_or(rule.default_notify_per_period()),
             ..d
         };
         cfg.validate().map_err(err)?;
@@ -417,12 +427,19 @@ mod tests {
             .policy()
             .unwrap();
         assert_eq!(
-            (paper.rule, paper.update_ms, paper.period_frames),
-            (EwmaRule::Paper, 5000, 0.5)
+            (
+                paper.rule,
+                paper.update_ms,
+                paper.period_frames,
+                paper.notify_per_period
+            ),
+            (EwmaRule::Paper, 5000, 0.5, 0.0)
         );
+        assert_eq!(d.notify_per_period, 1.0);
         for (bad, want) in [
             ("policy='slow'", "unknown variant"),
             ("period_frames=100.0", "period frames"),
+            ("notify_per_period=-1.0", "notifications per period"),
             ("mode='turbo'", "unknown mode"),
             ("mode='adaptive:1000'\nbudget_us=500", "give one of them"),
             ("alpha=1.5", "alpha"),

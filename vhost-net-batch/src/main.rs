@@ -324,11 +324,22 @@ fn print_stats(v: &StatsReply) {
         p.rx_delay_us,
         p.tx_delay_us,
         p.send_ratio,
-        if p.active {
-            "active"
-        } else {
+        if !p.active {
             "below the rate floor"
+        } else if !p.payoff_open {
+            "not worth a delay (the guest batches by itself)"
+        } else {
+            "active"
         }
+    );
+    println!(
+        "  applied rx {} µs tx {} µs; notifications {}/s, undelayed {}/s; payoff probes {} refusals {}",
+        p.applied_rx_delay_us,
+        p.applied_tx_delay_us,
+        p.notify_rate,
+        p.natural_notify_rate,
+        p.payoff_probes,
+        p.payoff_refusals
     );
     for (name, value, _) in v.total.counters() {
         println!("  {name:<20} {value}");

@@ -96,7 +96,7 @@ impl prometheus_client::collector::Collector for Collector {
             })
             .collect();
         type Gauge = fn(&crate::policy::PolicyView) -> f64;
-        let gauges: [(&str, &str, Gauge); 9] = [
+        let gauges: [(&str, &str, Gauge); 11] = [
             (
                 "vnb_rx_delay_us",
                 "Configured RX interrupt delay b_r (µs), before the rate floor",
@@ -132,6 +132,16 @@ impl prometheus_client::collector::Collector for Collector {
                 "vnb_batching_active",
                 "1 while the packet rate is above the floor and delays apply",
                 |v| u8::from(v.active) as f64,
+            ),
+            (
+                "vnb_payoff_open",
+                "1 while adaptive's payoff check lets delays apply (the VM, undelayed, notifies at least --notify-per-period times per T)",
+                |v| u8::from(v.payoff_open) as f64,
+            ),
+            (
+                "vnb_natural_notify_rate",
+                "Notifications (interrupts + kicks) per second the last undelayed rate window measured",
+                |v| v.natural_notify_rate as f64,
             ),
             (
                 "vnb_mode",
@@ -205,17 +215,30 @@ impl prometheus_client::collector::Collector for Collector {
                 }
             }
         }
-        {
+        type PolicyCount = fn(&crate::policy::PolicyView) -> u64;
+        let policy_counts: [(&str, &str, PolicyCount); 3] = [
             // The fourth safety valve: rate windows below the packet-rate floor (no delay).
-            let mut m = enc.encode_descriptor(
+            (
                 "vnb_rate_floor_windows",
                 "Rate windows below the packet-rate floor, in which nothing was delayed",
-                None,
-                MetricType::Counter,
-            )?;
+                |v| v.floor_windows,
+            ),
+            (
+                "vnb_payoff_probes",
+                "Rate windows adaptive ran undelayed to measure the payoff of its delays again",
+                |v| v.payoff_probes,
+            ),
+            (
+                "vnb_payoff_refusals",
+                "Undelayed rate windows that found too few notifications to be worth a delay",
+                |v| v.payoff_refusals,
+            ),
+        ];
+        for (name, help, f) in policy_counts {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (vm, v, _, _, _) in &views {
                 let l = [("vm", vm.as_str())];
-                ConstCounter::new(v.floor_windows).encode(m.encode_family(&l)?)?;
+                ConstCounter::new(f(v)).encode(m.encode_family(&l)?)?;
             }
         }
         if views.iter().any(|v| v.3.is_some()) {

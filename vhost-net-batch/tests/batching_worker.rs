@@ -304,6 +304,10 @@ fn control_socket_and_metrics_report_and_reject() {
         "vnb_rate_floor_windows_total{vm=\"bm\"}",
         "vnb_applied_rx_delay_us{vm=\"bm\"}",
         "vnb_applied_tx_delay_us{vm=\"bm\"}",
+        "vnb_payoff_open{vm=\"bm\"}",
+        "vnb_natural_notify_rate{vm=\"bm\"}",
+        "vnb_payoff_probes_total{vm=\"bm\"}",
+        "vnb_payoff_refusals_total{vm=\"bm\"}",
     ] {
         assert!(text.contains(want), "metrics lack {want:?}:\n{text}");
     }

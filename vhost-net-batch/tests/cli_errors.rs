@@ -110,6 +110,11 @@ fn bad_arguments_and_config_are_rejected() {
         (&["--mode", "fixed:0"][..], "bad budget"),
         (&["--alpha", "1.0"][..], "alpha"),
         (&["--update-ms", "1"][..], "update interval"),
+        (&["--period-frames", "65"][..], "period frames"),
+        (
+            &["--notify-per-period", "65"][..],
+            "notifications per period",
+        ),
         (&["--power-source", "bogus"][..], "unknown source"),
         (
             &["--power-source", "estimate", "--power-idle-watts", "-3"][..],
