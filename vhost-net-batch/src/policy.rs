@@ -375,8 +375,9 @@ pub fn tx_signal_due(
             || now_ns.saturating_sub(last_signal_ns) >= t_ns)
 }
 
-/// How often a delayed VM's payoff is measured again: one rate window without delays every
-/// this many ms (2 % of the time with 100 ms windows).
+/// How often a delayed VM's payoff is measured again when its delayed notification rate is
+/// below the threshold: one rate window without delays every this many ms (2 % of the time
+/// with 100 ms windows).
 pub const PROBE_EVERY_MS: u64 = 5000;
 /// A delayed VM whose packet rate fell to half the rate of its last undelayed measurement is
 /// measured again after this many ms already, not [`PROBE_EVERY_MS`] (the traffic changed).
@@ -443,9 +444,9 @@ struct Payoff {
 /// packets/s, 1,100 notifications/s, −10 % notifications for twice the RTT). So every rate
 /// window run without delays measures the VM's notifications per second, and delays apply only
 /// while that rate times `T` is at least [`PolicyConfig::notify_per_period`]. While delays
-/// apply the natural rate cannot be seen (the delays change it), so one window in
-/// [`PROBE_EVERY_MS`] runs undelayed to measure it again, sooner ([`PROBE_SOONEST_MS`]) when
-/// the packet rate fell by half.
+/// apply, the natural rate cannot be seen (the delays lower it). A delayed window that still
+/// reaches the threshold proves it; otherwise one window in [`PROBE_EVERY_MS`] runs undelayed
+/// to measure it again, sooner ([`PROBE_SOONEST_MS`]) when the packet rate fell by half.
 #[derive(Debug, Clone)]
 pub struct Policy {
     cfg: PolicyConfig,
@@ -575,13 +576,15 @@ impl Policy {
         let counts = checked && self.active && t > 0.0;
         let worth = self.worth_delaying(nps);
         let q = &mut self.payoff;
-        if !q.window_delayed {
-            // An undelayed window: the guest's own notification rate.
+        if !q.window_delayed || worth {
+            // An undelayed window measures the guest's own notification rate. A delayed one
+            // that still reaches the threshold proves it as well (delays only take
+            // notifications away), so a busy VM is never probed.
             q.natural_nps = nps;
             q.natural_pps = pps;
             q.measured_ns = now_ns;
             q.probing = false;
-            if !worth && counts {
+            if !q.window_delayed && !worth && counts {
                 q.refusals += 1;
             }
         } else if checked {
@@ -810,6 +813,8 @@ mod tests {
         notes: f64,
         /// Notifications per packet the simulated guest sends (1: no batching of its own).
         notes_per_packet: f64,
+        /// Notifications per delay period while a delay applies.
+        notes_per_delay: f64,
         p: Policy,
     }
 
@@ -821,6 +826,7 @@ mod tests {
                 recv: 0,
                 notes: 0.0,
                 notes_per_packet: 1.0,
+                notes_per_delay: 1.0,
                 p: Policy::new(cfg, 1_000 * MS, (0, 0)),
             }
         }
@@ -831,13 +837,13 @@ mod tests {
                 self.now += MS;
                 self.sent += s;
                 self.recv += r;
-                // Undelayed, the guest notifies at its own rate; a delay of d lets at most one
-                // notification per d through.
+                // Undelayed, the guest notifies at its own rate; a delay of d lets at most
+                // `notes_per_delay` notifications per d through.
                 let d = self.p.delays();
                 let own = (s + r) as f64 * self.notes_per_packet;
                 let cap = match d.rx_ns.max(d.tx_ns) {
                     0 => own,
-                    ns => 1_000_000.0 / ns as f64,
+                    ns => self.notes_per_delay * 1_000_000.0 / ns as f64,
                 };
                 self.notes += own.min(cap);
                 self.p
@@ -1095,7 +1101,11 @@ mod tests {
         // Opening takes one undelayed window.
         s.run(250, 0, 20);
         assert!(s.p.delays().rx_ns > 0);
-        // While delayed, one window in PROBE_EVERY_MS runs undelayed (2 % of the time).
+        // A VM that still notifies once per T while delayed proves the payoff: no probe.
+        assert_eq!(undelayed_windows(&mut s, 20_000, (0, 20)), 0);
+        assert_eq!(s.p.view().payoff_probes, 0);
+        // Below that, one window in PROBE_EVERY_MS runs undelayed (2 % of the time).
+        s.notes_per_delay = 0.5;
         let off = undelayed_windows(&mut s, 20_000, (0, 20));
         assert!((3..=5).contains(&off), "{off} undelayed windows in 20 s");
         assert!(s.p.view().payoff_probes >= 3);
@@ -1133,8 +1143,11 @@ mod tests {
         let d = s.p.delays();
         assert!(d.rx_ns > 400_000 && d.tx_ns > 400_000, "{d:?}");
         assert_eq!(d.rx_ns + d.tx_ns, 1_000_000);
-        // The operator lowers the budget: effective at once.
+        // The operator lowers the budget: effective at once, or after one undelayed rate
+        // window when the rate measured under the longer delays does not prove the payoff of
+        // the shorter ones.
         s.p.set_operator(ModeKind::Adaptive, 200);
+        s.run(200, 10, 10);
         assert_eq!(s.p.delays().rx_ns + s.p.delays().tx_ns, 200_000);
         // The guest asks for less.
         s.p.set_operator(ModeKind::Adaptive, 1000);
