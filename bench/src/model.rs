@@ -435,6 +435,9 @@ pub struct SeriesPoint {
     pub tx_pps: f64,
     /// Frames the guest received per second since the previous sample.
     pub rx_pps: f64,
+    /// Whether `adaptive`'s payoff check let delays apply (absent in older results).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payoff_open: Option<bool>,
 }
 
 /// The start of a phase of a `mix` run.

@@ -457,6 +457,7 @@ fn sample_series(ctl: &Path, t0: Instant, every: Duration, stop: &AtomicBool) ->
                     kicks_per_s: rate(p.rx_kicks + p.tx_kicks, t.rx_kicks + t.tx_kicks),
                     tx_pps: rate(p.tx_packets, t.tx_packets),
                     rx_pps: rate(p.rx_packets, t.rx_packets),
+                    payoff_open: Some(s.policy.payoff_open),
                 });
             }
             prev = Some((now, t));
