@@ -160,45 +160,62 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstGauge::new(f(v)).encode(m.encode_family(&l)?)?;
             }
         }
-        type Count = fn(&crate::control::ControlCounts) -> u64;
-        let counts: [(&str, &str, Count); 7] = [
-            ("vnb_control_accepted", "Control frames acted on", |c| {
+        // Per-VM counters of the control plane and the policy.
+        type Count = fn(&crate::policy::PolicyView, &crate::control::ControlCounts) -> u64;
+        let counts: [(&str, &str, Count); 10] = [
+            ("vnb_control_accepted", "Control frames acted on", |_, c| {
                 c.accepted
             }),
             (
                 "vnb_control_clamped",
                 "Control SETs clamped to the budget",
-                |c| c.clamped,
+                |_, c| c.clamped,
             ),
-            ("vnb_control_invalid", "Malformed control frames", |c| {
+            ("vnb_control_invalid", "Malformed control frames", |_, c| {
                 c.invalid
             }),
             (
                 "vnb_control_rate_limited",
                 "Control frames over the rate limit",
-                |c| c.rate_limited,
+                |_, c| c.rate_limited,
             ),
             (
                 "vnb_control_dropped",
                 "Control frames dropped unanswered",
-                |c| c.dropped,
+                |_, c| c.dropped,
             ),
             (
                 "vnb_control_from_tap",
                 "Control-EtherType frames from the tap (dropped)",
-                |c| c.from_tap,
+                |_, c| c.from_tap,
             ),
             (
                 "vnb_control_replies_lost",
                 "Control replies the guest had no buffer for",
-                |c| c.replies_lost,
+                |_, c| c.replies_lost,
+            ),
+            // The fourth safety valve: rate windows below the packet-rate floor (no delay).
+            (
+                "vnb_rate_floor_windows",
+                "Rate windows below the packet-rate floor, in which nothing was delayed",
+                |v, _| v.floor_windows,
+            ),
+            (
+                "vnb_payoff_probes",
+                "Rate windows adaptive ran undelayed to measure the payoff of its delays again",
+                |v, _| v.payoff_probes,
+            ),
+            (
+                "vnb_payoff_refusals",
+                "Undelayed rate windows that found too few notifications to be worth a delay",
+                |v, _| v.payoff_refusals,
             ),
         ];
         for (name, help, f) in counts {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (vm, _, c, _, _) in &views {
+            for (vm, v, c, _, _) in &views {
                 let l = [("vm", vm.as_str())];
-                ConstCounter::new(f(c)).encode(m.encode_family(&l)?)?;
+                ConstCounter::new(f(v, c)).encode(m.encode_family(&l)?)?;
             }
         }
         let vm_counters: Vec<_> = vms
@@ -213,32 +230,6 @@ impl prometheus_client::collector::Collector for Collector {
                     let l = [("vm", vm.as_str())];
                     ConstCounter::new(c.counters()[i].1).encode(m.encode_family(&l)?)?;
                 }
-            }
-        }
-        type PolicyCount = fn(&crate::policy::PolicyView) -> u64;
-        let policy_counts: [(&str, &str, PolicyCount); 3] = [
-            // The fourth safety valve: rate windows below the packet-rate floor (no delay).
-            (
-                "vnb_rate_floor_windows",
-                "Rate windows below the packet-rate floor, in which nothing was delayed",
-                |v| v.floor_windows,
-            ),
-            (
-                "vnb_payoff_probes",
-                "Rate windows adaptive ran undelayed to measure the payoff of its delays again",
-                |v| v.payoff_probes,
-            ),
-            (
-                "vnb_payoff_refusals",
-                "Undelayed rate windows that found too few notifications to be worth a delay",
-                |v| v.payoff_refusals,
-            ),
-        ];
-        for (name, help, f) in policy_counts {
-            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (vm, v, _, _, _) in &views {
-                let l = [("vm", vm.as_str())];
-                ConstCounter::new(f(v)).encode(m.encode_family(&l)?)?;
             }
         }
         if views.iter().any(|v| v.3.is_some()) {
