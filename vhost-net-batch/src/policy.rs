@@ -590,7 +590,7 @@ impl Policy {
         } else if checked {
             let since = now_ns.saturating_sub(q.measured_ns);
             if since >= PROBE_EVERY_MS * 1_000_000
-                || (since >= PROBE_SOONEST_MS * 1_000_000 && pps * 2 < q.natural_pps)
+                || (since >= PROBE_SOONEST_MS * 1_000_000 && pps.saturating_mul(2) < q.natural_pps)
             {
                 q.probing = true;
                 q.probes += 1;
