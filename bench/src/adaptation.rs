@@ -93,10 +93,7 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
                     .map(|p| p.t_s)
             })
             .flatten();
-        let lag_s = match (policy_at, traffic_at) {
-            (Some(p), Some(t)) => Some((p - t).max(0.0)),
-            _ => None,
-        };
+        let lag_s = policy_at.zip(traffic_at).map(|(p, t)| (p - t).max(0.0));
         let mean_error = inside
             .iter()
             .map(|p| (p.send_ratio - share).abs())
