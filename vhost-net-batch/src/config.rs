@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::access::{group_id, Access, SocketMode, DEFAULT_MODE};
 use crate::policy::{resolve_budget, EwmaRule, ModeSpec, PolicyConfig, PolicyError};
 use crate::tap::validate_ifname;
+use crate::tap_io::TapIoKind;
 
 /// Most queue pairs per VM (one worker thread each).
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -229,6 +230,12 @@ pub struct VmConfig {
     #[arg(long, value_name = "GROUP")]
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// How frames go to the tap: `uring` (default: each TX step's frames in one `io_uring`
+    /// submission, falling back to system calls where `io_uring` is unavailable) or `syscalls`
+    /// (one `writev` per frame).
+    #[arg(long, value_name = "IO")]
+    #[serde(default)]
+    pub tap_io: Option<TapIoKind>,
 }
 
 impl VmConfig {
@@ -255,6 +262,7 @@ impl VmConfig {
             notify_per_period: None,
             socket_mode: None,
             socket_group: None,
+            tap_io: None,
         }
     }
 
@@ -436,8 +444,20 @@ mod tests {
             (EwmaRule::Paper, 5000, 0.5, 0.0)
         );
         assert_eq!(d.notify_per_period, 1.0);
+        assert_eq!(
+            vm("d").tap_io,
+            None,
+            "the default is left to the device (uring)"
+        );
+        let sys = FileConfig::parse(
+            "[[vm]]\nname='a'\nsocket='/tmp/a'\ntap='ta'\ntap_io='syscalls'\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(sys[0].tap_io, Some(TapIoKind::Syscalls));
         for (bad, want) in [
             ("policy='slow'", "unknown variant"),
+            ("tap_io='aio'", "unknown variant"),
             ("period_frames=100.0", "period frames"),
             ("notify_per_period=-1.0", "notifications per period"),
             ("mode='turbo'", "unknown mode"),

@@ -183,6 +183,36 @@ pub trait TapIo {
     fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
     /// Writes one frame (virtio-net header + Ethernet frame) from `iov`.
     fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
+    /// Writes several frames, frame `i` being `iov[frames[i].0..frames[i].1]`, and sets `res[i]`
+    /// to its byte count or `-errno`. Frames are tried in order; a frame whose result is
+    /// `-EAGAIN` was not written. The default is [`writev_each`]: one `writev` per frame,
+    /// stopping at the first `EAGAIN`.
+    fn writev_batch(&mut self, iov: &[libc::iovec], frames: &[(usize, usize)], res: &mut Vec<i32>) {
+        writev_each(self, iov, frames, res);
+    }
+}
+
+/// One [`TapIo::writev`] per frame of a batch; after the first `EAGAIN` the remaining frames are
+/// not tried and report `-EAGAIN` too.
+pub fn writev_each<T: TapIo + ?Sized>(
+    tap: &mut T,
+    iov: &[libc::iovec],
+    frames: &[(usize, usize)],
+    res: &mut Vec<i32>,
+) {
+    res.clear();
+    for &(start, end) in frames {
+        let r = match tap.writev(&iov[start..end]) {
+            Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => -libc::EAGAIN,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        };
+        res.push(r);
+        if r == -libc::EAGAIN {
+            break;
+        }
+    }
+    res.resize(frames.len(), -libc::EAGAIN);
 }
 
 /// A tap queue descriptor.
@@ -535,6 +565,8 @@ struct TxChain {
     start: usize,
     end: usize,
     res: Result<usize, ChainError>,
+    /// A control frame (for the control plane, not the tap).
+    control: bool,
 }
 
 /// Guest → tap.
@@ -542,6 +574,9 @@ struct TxChain {
 pub struct TxPath {
     iov: Vec<libc::iovec>,
     step: Vec<TxChain>,
+    /// The step's frames for the tap (iovec ranges) and their results.
+    frames: Vec<(usize, usize)>,
+    results: Vec<i32>,
     /// Control frames taken off the ring in the last run, for the control plane.
     pub control: Vec<ControlFrame>,
 }
@@ -555,6 +590,8 @@ impl TxPath {
         TxPath {
             iov: Vec::with_capacity(4 * TX_STEP),
             step: Vec::with_capacity(TX_STEP),
+            frames: Vec::with_capacity(TX_STEP),
+            results: Vec::with_capacity(TX_STEP),
             control: Vec::with_capacity(CONTROL_INBOX),
         }
     }
@@ -620,6 +657,7 @@ impl TxPath {
                             start,
                             end,
                             res,
+                            control: false,
                         });
                         if walked >= RUN_DESC_BUDGET {
                             break;
@@ -639,13 +677,32 @@ impl TxPath {
             }
             rechecked = false;
             let n = self.step.len();
+            // The step's frames for the tap go out in one batch; control frames are marked
+            // (`Ok(0)`: nothing to write) so they are recognised once.
+            self.frames.clear();
+            for c in self.step.iter_mut() {
+                if let Ok(total) = c.res {
+                    if control_at(&self.iov[c.start..c.end], hdr.len, total).is_some() {
+                        c.control = true;
+                    } else {
+                        self.frames.push((c.start, c.end));
+                    }
+                }
+            }
+            tap.writev_batch(&self.iov, &self.frames, &mut self.results);
+            // Frames refused with EAGAIN at the end of the batch go back to the ring; one refused
+            // before a frame that went out (an io_uring batch) cannot, and is dropped, counted.
+            let tail = self
+                .results
+                .iter()
+                .rposition(|&r| r != -libc::EAGAIN)
+                .map_or(0, |i| i + 1);
+            let mut written = 0;
             for k in 0..n {
                 let c = self.step[k];
                 match c.res {
                     Err(e) => out.counts.bad_chain(c.head, e),
-                    Ok(total)
-                        if control_at(&self.iov[c.start..c.end], hdr.len, total).is_some() =>
-                    {
+                    Ok(total) if c.control => {
                         out.counts.control += 1;
                         if self.control.len() < CONTROL_INBOX {
                             let iov = &self.iov[c.start..c.end];
@@ -664,22 +721,23 @@ impl TxPath {
                             out.counts.dropped += 1;
                         }
                     }
-                    Ok(total) => match tap.writev(&self.iov[c.start..c.end]) {
-                        Ok(_) => {
-                            out.counts.packets += 1;
-                            out.counts.bytes += (total - hdr.len) as u64;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Ok(total) => {
+                        let r = self.results.get(written).copied().unwrap_or(-libc::EAGAIN);
+                        if written >= tail {
                             // Give this chain and the rest of the step back to the ring.
                             q.set_next_avail(q.next_avail().wrapping_sub((n - k) as u16));
                             out.blocked = true;
                             break 'steps;
                         }
-                        Err(e) => {
+                        written += 1;
+                        if r >= 0 {
+                            out.counts.packets += 1;
+                            out.counts.bytes += (total - hdr.len) as u64;
+                        } else {
                             out.counts.dropped += 1;
-                            out.counts.tap_error(&e);
+                            out.counts.tap_error(&io::Error::from_raw_os_error(-r));
                         }
-                    },
+                    }
                 }
                 if q.add_used(mem, c.head, 0).is_ok() {
                     out.counts.used += 1;

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -30,6 +30,7 @@ use crate::dirty_log::DirtyLog;
 use crate::memguard::Regions;
 use crate::metrics::VmMetrics;
 use crate::tap::Tap;
+use crate::tap_io::TapIoKind;
 use crate::worker::{Ctx, Worker};
 
 /// Guest memory as the backend sees it: each region carries the dirty-page log QEMU hands over
@@ -42,6 +43,10 @@ pub use crate::vring::Vring;
 
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// The longest a worker waits for frontend requests to get through before handling its event
+/// (a request holding a lock longer only delays the event, as it would anyway).
+pub const YIELD_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Virtio features offered for `queue_pairs` queue pairs.
 pub fn offered_features(queue_pairs: u16) -> u64 {
@@ -106,21 +111,32 @@ pub struct NetDevice {
     stop: EventFd,
     /// Set once the connection is being ended.
     stopping: AtomicBool,
+    /// Frontend requests waiting for a worker's lock (`stop_vring`).
+    frontend_waiting: AtomicU32,
 }
 
 impl NetDevice {
-    /// A device for VM `vm` over `tap` (one tap queue per queue pair), batching by `batching`.
+    /// A device for VM `vm` over `tap` (one tap queue per queue pair), batching by `batching`,
+    /// writing to the tap with `tap_io`.
     pub fn new(
         vm: &str,
         tap: Arc<Tap>,
         mem: GuestMem,
         metrics: Arc<VmMetrics>,
         batching: Arc<VmBatching>,
+        tap_io: TapIoKind,
     ) -> io::Result<Self> {
         let queue_pairs = tap.num_queues() as u16;
-        let workers = (0..queue_pairs as usize)
-            .map(|i| Ok(Mutex::new(Worker::new(tap.queue_fd(i))?)))
-            .collect::<io::Result<_>>()?;
+        let mut workers = Vec::with_capacity(queue_pairs as usize);
+        for i in 0..queue_pairs as usize {
+            let (w, fallback) = Worker::new(tap.queue_fd(i), tap_io)?;
+            if let Some(e) = fallback {
+                if i == 0 {
+                    tracing::warn!(vm, %e, "no io_uring for the tap: one system call per frame");
+                }
+            }
+            workers.push(Mutex::new(w));
+        }
         Ok(NetDevice {
             vm: vm.to_string(),
             queue_pairs,
@@ -135,6 +151,7 @@ impl NetDevice {
             regions: Mutex::new(Regions::default()),
             stop: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             stopping: AtomicBool::new(false),
+            frontend_waiting: AtomicU32::new(0),
         })
     }
 
@@ -263,7 +280,10 @@ impl VhostUserBackend for NetDevice {
         let qp = queue_index as usize / 2;
         if queue_index.is_multiple_of(2) {
             if let Some(w) = self.workers.get(qp) {
-                if lock(w).stop_rx() {
+                self.frontend_waiting.fetch_add(1, SeqCst);
+                let dropped = lock(w).stop_rx();
+                self.frontend_waiting.fetch_sub(1, SeqCst);
+                if dropped {
                     self.metrics.queues[qp].rx_dropped.fetch_add(1, Relaxed);
                 }
             }
@@ -285,6 +305,7 @@ impl VhostUserBackend for NetDevice {
             // The connection is being ended: touch nothing of the guest's any more.
             return Ok(());
         }
+        self.yield_to_frontend(vrings);
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut w = lock(worker);
             if w.first_event() {
@@ -317,6 +338,23 @@ impl VhostUserBackend for NetDevice {
 }
 
 impl NetDevice {
+    /// Lets a frontend request waiting for this worker's locks (a vring's, or the worker's own
+    /// in `stop_vring`) go first, for up to [`YIELD_MAX`]. `std`'s locks are not fair: a worker
+    /// that takes them again as soon as a wake-up lets them go kept `GET_VRING_BASE` waiting for
+    /// seconds while a guest flooded its rings (`hardening` test). Nothing is skipped: the
+    /// event is handled once the request is through.
+    fn yield_to_frontend(&self, vrings: &[Vring]) {
+        let waiting =
+            || self.frontend_waiting.load(SeqCst) > 0 || vrings.iter().any(Vring::frontend_waiting);
+        if !waiting() {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        while waiting() && t0.elapsed() < YIELD_MAX {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+
     /// Ends this device's connection (once): the relay sees `stop_fd` and closes both sides;
     /// the VM's slot goes back to listening.
     fn end_connection(&self, why: &str) {

@@ -35,6 +35,7 @@ pub mod prometheus;
 pub mod server;
 pub mod shim;
 pub mod tap;
+pub mod tap_io;
 pub mod timer;
 pub mod vring;
 pub mod worker;

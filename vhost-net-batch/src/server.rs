@@ -309,6 +309,7 @@ impl VmSlot {
             mem.clone(),
             self.metrics.clone(),
             self.batching.clone(),
+            self.cfg.tap_io.unwrap_or_default(),
         )?);
         self.batching.reset_guest();
         device.set_thread_hook(self.thread_hook());

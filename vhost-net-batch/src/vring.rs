@@ -15,16 +15,44 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
 
 use crate::device::GuestMem;
 
-/// A vring of the device (see the module documentation).
+/// A vring of the device (see the module documentation), with a count of the frontend's
+/// requests waiting for or holding its lock.
 #[derive(Clone)]
-pub struct Vring(VringRwLock<GuestMem>);
+pub struct Vring(VringRwLock<GuestMem>, Arc<AtomicU32>);
+
+/// Counts one frontend request for as long as it lives (a panic included).
+struct Waiting<'a>(&'a AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Vring {
+    /// Runs a frontend request (a vhost-user message's handling) on the vring, counted.
+    fn frontend<R>(&self, f: impl FnOnce(&VringRwLock<GuestMem>) -> R) -> R {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let _w = Waiting(&self.1);
+        f(&self.0)
+    }
+
+    /// Whether a frontend request waits for or holds the vring's lock. `std`'s locks are not
+    /// fair: a worker that takes the lock again as soon as it lets it go can keep such a request
+    /// waiting for seconds while a guest floods its rings, so a worker lets it go first
+    /// ([`crate::device`]).
+    pub fn frontend_waiting(&self) -> bool {
+        self.1.load(Ordering::SeqCst) > 0
+    }
+}
 
 /// Whether `f` looks like an eventfd: the catch-up interrupt is written only to one (a file a
 /// frontend passes instead gets no bytes from it). Without `/proc` there is no telling: then
@@ -46,7 +74,10 @@ impl<'a> VringStateMutGuard<'a, GuestMem> for Vring {
 
 impl VringT<GuestMem> for Vring {
     fn new(mem: GuestMem, max_queue_size: u16) -> Result<Self, VirtQueError> {
-        Ok(Vring(VringRwLock::new(mem, max_queue_size)?))
+        Ok(Vring(
+            VringRwLock::new(mem, max_queue_size)?,
+            Arc::new(AtomicU32::new(0)),
+        ))
     }
 
     fn get_ref(&self) -> RwLockReadGuard<'_, VringState<GuestMem>> {
@@ -78,7 +109,7 @@ impl VringT<GuestMem> for Vring {
     }
 
     fn set_enabled(&self, enabled: bool) {
-        self.0.set_enabled(enabled)
+        self.frontend(|v| v.set_enabled(enabled))
     }
 
     fn set_queue_info(
@@ -87,39 +118,39 @@ impl VringT<GuestMem> for Vring {
         avail_ring: u64,
         used_ring: u64,
     ) -> Result<(), VirtQueError> {
-        self.0.set_queue_info(desc_table, avail_ring, used_ring)
+        self.frontend(|v| v.set_queue_info(desc_table, avail_ring, used_ring))
     }
 
     fn queue_next_avail(&self) -> u16 {
-        self.0.queue_next_avail()
+        self.frontend(|v| v.queue_next_avail())
     }
 
     fn set_queue_next_avail(&self, base: u16) {
-        self.0.set_queue_next_avail(base)
+        self.frontend(|v| v.set_queue_next_avail(base))
     }
 
     fn set_queue_next_used(&self, idx: u16) {
-        self.0.set_queue_next_used(idx)
+        self.frontend(|v| v.set_queue_next_used(idx))
     }
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
-        self.0.queue_used_idx()
+        self.frontend(|v| v.queue_used_idx())
     }
 
     fn set_queue_size(&self, num: u16) {
-        self.0.set_queue_size(num)
+        self.frontend(|v| v.set_queue_size(num))
     }
 
     fn set_queue_event_idx(&self, enabled: bool) {
-        self.0.set_queue_event_idx(enabled)
+        self.frontend(|v| v.set_queue_event_idx(enabled))
     }
 
     fn set_queue_ready(&self, ready: bool) {
-        self.0.set_queue_ready(ready)
+        self.frontend(|v| v.set_queue_ready(ready))
     }
 
     fn set_kick(&self, file: Option<File>) {
-        self.0.set_kick(file)
+        self.frontend(|v| v.set_kick(file))
     }
 
     fn read_kick(&self) -> io::Result<bool> {
@@ -140,18 +171,20 @@ impl VringT<GuestMem> for Vring {
             };
             nonblocking && is_eventfd(f)
         });
-        self.0.set_call(file);
-        if notify {
-            // Under the lock a worker's wake-up holds for writing: every completion published
-            // so far is in the used ring when the guest looks.
-            if let Some(call) = self.0.get_ref().get_call() {
-                let _ = call.notify();
+        self.frontend(|v| {
+            v.set_call(file);
+            if notify {
+                // Under the lock a worker's wake-up holds for writing: every completion
+                // published so far is in the used ring when the guest looks.
+                if let Some(call) = v.get_ref().get_call() {
+                    let _ = call.notify();
+                }
             }
-        }
+        })
     }
 
     fn set_err(&self, file: Option<File>) {
-        self.0.set_err(file)
+        self.frontend(|v| v.set_err(file))
     }
 }
 

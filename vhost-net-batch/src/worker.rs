@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::batching::VmBatching;
 use crate::datapath::{
     free_buffers, release_kicks, should_notify, used_event, DeliverError, HdrLayout, PathCounts,
-    RxPath, TapFd, TxPath, TxRun, BATCH_BUDGET,
+    RxPath, TxPath, TxRun, BATCH_BUDGET,
 };
 use crate::device::{GuestMem, Vring};
 use crate::dirty_log::DirtyLog;
@@ -33,6 +33,7 @@ use crate::metrics::{QueueStats, VmMetrics};
 use crate::policy::{
     rx_signal, tx_signal_due, Delays, RxBatch, RxSignal, Valve, Valves, MIN_DELAY_US,
 };
+use crate::tap_io::{TapIoKind, TapQueue};
 use crate::timer::{now_ns, Timer};
 
 /// TX timer periods the ring must stay empty before kicks are re-enabled: short gaps between
@@ -121,7 +122,9 @@ struct Step<'a> {
 
 /// Per-queue-pair worker state, owned by that pair's thread.
 pub struct Worker {
-    tap: TapFd,
+    tap: TapQueue,
+    /// The tap queue's descriptor (for the event loop).
+    tap_fd: RawFd,
     rx: RxPath,
     tx: TxPath,
     tap_readable: bool,
@@ -153,10 +156,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for the tap queue `tap`.
-    pub fn new(tap: RawFd) -> io::Result<Self> {
-        Ok(Worker {
-            tap: TapFd(tap),
+    /// A worker for the tap queue `tap`, written with `io` (an `io_uring` that cannot be set up
+    /// falls back to system calls; the second value says why, for the caller to log).
+    pub fn new(tap: RawFd, io: TapIoKind) -> io::Result<(Self, Option<io::Error>)> {
+        let (queue, fallback) = TapQueue::new(tap, io);
+        let w = Worker {
+            tap: queue,
+            tap_fd: tap,
             rx: RxPath::new(),
             tx: TxPath::new(),
             tap_readable: true,
@@ -173,7 +179,13 @@ impl Worker {
             outbox: Vec::with_capacity(OUTBOX),
             thread_seen: false,
             told: [false; 2],
-        })
+        };
+        Ok((w, fallback))
+    }
+
+    /// How this worker writes to its tap.
+    pub fn tap_io(&self) -> TapIoKind {
+        self.tap.kind()
     }
 
     /// True on the first call from the worker's thread, false afterwards.
@@ -189,7 +201,7 @@ impl Worker {
     {
         let sources: [(RawFd, EventSet, WorkerEvent); 4] = [
             (
-                self.tap.0,
+                self.tap_fd,
                 EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
                 WorkerEvent::Tap,
             ),
@@ -401,6 +413,9 @@ impl Worker {
             hold,
         );
         self.tx_blocked = r.blocked;
+        if let Some(e) = self.tap.take_failure() {
+            tracing::warn!(vm = %s.ctx.vm, %e, "io_uring failed: one system call per frame from now on");
+        }
         s.ctx.stats.add_tx(&r.counts);
         report(s, "TX", &r.counts);
         let moved = r.moved();

@@ -115,6 +115,10 @@ fn bad_arguments_and_config_are_rejected() {
             &["--notify-per-period", "65"][..],
             "notifications per period",
         ),
+        (
+            &["--tap-io", "aio"][..],
+            "invalid value 'aio' for '--tap-io",
+        ),
         (&["--power-source", "bogus"][..], "unknown source"),
         (
             &["--power-source", "estimate", "--power-idle-watts", "-3"][..],

@@ -358,6 +358,89 @@ fn tx_tap_would_block_gives_the_chain_back() {
     );
 }
 
+/// A tap writing batches the way an `io_uring` may: frame by frame, each refused with EAGAIN
+/// where the script says so, later frames still going out.
+struct HoleyTap {
+    script: Vec<bool>,
+    tx: Vec<Vec<u8>>,
+}
+
+impl TapIo for HoleyTap {
+    fn readv(&mut self, _: &[libc::iovec]) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::WouldBlock))
+    }
+
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let mut out = Vec::new();
+        for v in iov {
+            // SAFETY: the iovecs point into guest memory.
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len)
+            });
+        }
+        let n = out.len();
+        self.tx.push(out);
+        Ok(n)
+    }
+
+    fn writev_batch(&mut self, iov: &[libc::iovec], frames: &[(usize, usize)], res: &mut Vec<i32>) {
+        res.clear();
+        for (i, &(a, b)) in frames.iter().enumerate() {
+            if self.script.get(i).copied().unwrap_or(true) {
+                res.push(self.writev(&iov[a..b]).unwrap() as i32);
+            } else {
+                res.push(-libc::EAGAIN);
+            }
+        }
+    }
+}
+
+#[test]
+fn tx_a_batch_refused_in_the_middle_drops_the_hole_and_gives_back_the_tail() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    let frames: Vec<_> = (0..5).map(|i| frame(60, i)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        m.write_slice(f, GuestAddress(BUF + 0x1000 * i as u64))
+            .unwrap();
+    }
+    let descs: Vec<_> = (0..5)
+        .map(|i| d(BUF + 0x1000 * i as u64, 72, 0, 0))
+        .collect();
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = HoleyTap {
+        script: vec![true, false, true, false, false],
+        tx: Vec::new(),
+    };
+    let mut tx = TxPath::new();
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+    // Frame 1 cannot go back behind frame 2, which went out: dropped and counted. Frames 3
+    // and 4 go back to the ring.
+    assert!(r.blocked);
+    assert_eq!(
+        (r.counts.packets, r.counts.dropped, r.counts.tap_errors),
+        (2, 1, 1)
+    );
+    assert_eq!(q.next_avail(), 3);
+    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 0)]);
+    tap.script.clear();
+    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+    assert_eq!(r.counts.packets, 2);
+    assert!(!r.blocked);
+    let sent = vec![
+        frames[0].clone(),
+        frames[2].clone(),
+        frames[3].clone(),
+        frames[4].clone(),
+    ];
+    assert_eq!(
+        tap.tx, sent,
+        "every frame but the counted one, once, in order"
+    );
+    assert_eq!(used(&m, &q).len(), 5);
+}
+
 #[test]
 fn tx_budget_bounds_one_run() {
     let m = mem();

@@ -96,7 +96,11 @@ pub fn start_slot(name: &str, tap: &str, sock: &std::path::Path) -> Arc<VmSlot> 
 
 /// As [`start_slot`] with `queues` queue pairs.
 pub fn start_slot_mq(name: &str, tap: &str, sock: &std::path::Path, queues: u16) -> Arc<VmSlot> {
-    start_slot_cfg(VmConfig::new(name, sock, tap, queues, None))
+    let mut c = VmConfig::new(name, sock, tap, queues, None);
+    if std::env::var("VNB_TEST_SYSCALLS").is_ok() {
+        c.tap_io = Some(vhost_net_batch::tap_io::TapIoKind::Syscalls);
+    }
+    start_slot_cfg(c)
 }
 
 /// Opens a VM slot from a full configuration and serves it on a thread.
