@@ -501,6 +501,16 @@ fn write_segs<M: GuestMemoryBackend>(
     data.is_empty()
 }
 
+/// Whether the guest has switched interrupts off with `VRING_AVAIL_F_NO_INTERRUPT` (only
+/// without EVENT_IDX, where the flag is the guest's word).
+pub fn interrupts_off<M: GuestMemoryBackend>(q: &Queue, mem: &M) -> bool {
+    if q.event_idx_enabled() {
+        return false;
+    }
+    let flags: u16 = mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
+    flags & VRING_AVAIL_F_NO_INTERRUPT != 0
+}
+
 /// Whether the guest wants an interrupt for the used entries just added.
 ///
 /// With EVENT_IDX this is the `used_event` test; without it, `VRING_AVAIL_F_NO_INTERRUPT`
@@ -509,8 +519,7 @@ pub fn should_notify<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, notify_on_em
     if q.event_idx_enabled() {
         return q.needs_notification(mem).unwrap_or(true);
     }
-    let flags: u16 = mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
-    if flags & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+    if !interrupts_off(q, mem) {
         return true;
     }
     notify_on_empty

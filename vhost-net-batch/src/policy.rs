@@ -319,6 +319,10 @@ pub struct RxBatch {
     pub free: u16,
     /// The ring's size.
     pub size: u16,
+    /// The guest has switched RX interrupts off (`VRING_AVAIL_F_NO_INTERRUPT`, without
+    /// EVENT_IDX): it is polling and sees the frames as they land, so there is no interrupt to
+    /// hold back and a timer would only cost a wake-up.
+    pub interrupts_off: bool,
 }
 
 /// What to do about the RX interrupt after a batch.
@@ -332,12 +336,13 @@ pub enum RxSignal {
     Defer,
 }
 
-/// The RX interrupt decision (docs/design.md §4): with a delay in effect, the interrupt waits
+/// The RX interrupt decision (docs/design.md §4): with a delay in effect (and the guest's RX
+/// interrupts on), the interrupt waits
 /// for the timer unless a valve fires: the guest ran out of buffers (low water), its own
 /// EVENT_IDX batching asked for this point ([`used_event_asks`]), the frame cap was reached, or
 /// fewer free buffers than the low-water share remain.
 pub fn rx_signal(valves: &Valves, b: &RxBatch) -> RxSignal {
-    if b.delay_ns == 0 {
+    if b.delay_ns == 0 || b.interrupts_off {
         return RxSignal::Now;
     }
     if b.no_buffers {
@@ -1270,6 +1275,7 @@ mod tests {
             pending,
             free,
             size: 256,
+            interrupts_off: false,
         }
     }
 
@@ -1309,6 +1315,12 @@ mod tests {
             ..batch(500_000, 5, 200)
         };
         assert_eq!(rx_signal(&v, &normal), RxSignal::Defer);
+        // A polling guest (interrupts off): nothing to hold back, no timer.
+        let polling = RxBatch {
+            interrupts_off: true,
+            ..batch(500_000, 5, 200)
+        };
+        assert_eq!(rx_signal(&v, &polling), RxSignal::Now);
     }
 
     #[test]

@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::batching::VmBatching;
 use crate::datapath::{
-    free_buffers, release_kicks, should_notify, used_event, DeliverError, HdrLayout, PathCounts,
-    RxPath, TxPath, TxRun, BATCH_BUDGET,
+    free_buffers, interrupts_off, release_kicks, should_notify, used_event, DeliverError,
+    HdrLayout, PathCounts, RxPath, TxPath, TxRun, BATCH_BUDGET,
 };
 use crate::device::{GuestMem, Vring};
 use crate::dirty_log::DirtyLog;
@@ -564,6 +564,7 @@ impl Worker {
                 pending: self.rx_unsignalled,
                 free: free_buffers(q, s.mem),
                 size: q.size(),
+                interrupts_off: interrupts_off(q, s.mem),
             };
             match rx_signal(&s.valves, &batch) {
                 RxSignal::Now => self.flush_rx(s, ring),

@@ -18,6 +18,7 @@ use vhost_net_batch::control_socket::{
 };
 use vhost_net_batch::policy::ModeKind;
 use vhost_net_batch::prometheus::{render_metrics, serve_metrics};
+use vm_memory::Bytes;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -136,6 +137,43 @@ fn rx_interrupts_are_deferred_coalesced_and_flushed_by_the_valves() {
         "low-water valve did not fire with {free} buffers left"
     );
     assert_eq!(calls(&g, 0), 1, "low-water flush signalled at once");
+}
+
+#[test]
+fn a_polling_guest_gets_its_frames_without_an_rx_timer() {
+    let _ns = Netns::enter("bp");
+    quiet_netns();
+    let dir = tempdir();
+    let sock = dir.join("vm.sock");
+    let slot = start_slot_cfg(cfg("bp", "vnbbp0", &sock, "fixed:100000"));
+    let pkt = PacketSocket::bind("vnbbp0");
+    let mem = guest_memory();
+    let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
+    g.post_rx(0, 128, 2048);
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = calls(&g, 0);
+    let st = &slot.metrics().queues[0];
+    let fires0 = st.rx_timer_fires.load(Relaxed);
+    // The guest polls: VRING_AVAIL_F_NO_INTERRUPT (no EVENT_IDX here). Nothing to hold back,
+    // so no 100 ms timer is armed for these frames, and no interrupt is sent.
+    mem.write_obj(1u16, g.rx.avail_addr()).unwrap();
+    tap_to_guest(&g, &pkt, 1, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        st.rx_timer_fires.load(Relaxed),
+        fires0,
+        "an RX timer ran for a guest that asked for no interrupt"
+    );
+    assert_eq!(calls(&g, 0), 0, "an interrupt the guest did not ask for");
+    // Interrupts on again: the delay applies (one interrupt, after the timer).
+    mem.write_obj(0u16, g.rx.avail_addr()).unwrap();
+    tap_to_guest(&g, &pkt, 20, 10);
+    assert_eq!(calls(&g, 0), 0, "RX interrupt not deferred");
+    assert!(eventually(|| st.rx_timer_fires.load(Relaxed) > fires0));
+    assert!(
+        eventually(|| calls(&g, 0) == 1),
+        "one interrupt after the timer"
+    );
 }
 
 #[test]
