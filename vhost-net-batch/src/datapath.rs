@@ -687,7 +687,7 @@ impl TxPath {
             rechecked = false;
             let n = self.step.len();
             // The step's frames for the tap go out in one batch; control frames are marked
-            // (`Ok(0)`: nothing to write) so they are recognised once.
+            // (`control`) so each chain is looked at once.
             self.frames.clear();
             for c in self.step.iter_mut() {
                 if let Ok(total) = c.res {

@@ -5,7 +5,7 @@
 //! call's entry and exit are paid once per frame. Submitting a whole TX step's frames (up to
 //! [`crate::datapath::TX_STEP`]) as one `io_uring_enter` pays them once per step. Measured on the
 //! project's rig (a 2-vCPU VM, retpolines): 1,070–1,140 ns of CPU per 64-byte frame written with
-//! `writev`, 720–830 ns through the ring (README, "Tap I/O").
+//! `writev`, 720–830 ns through the ring (`bench/results/2026-12-06-datapath-uring-64/`).
 //!
 //! Every submission is waited for before [`UringTap::writev_batch`] returns: the kernel never
 //! reads guest memory after the call, so the caller's guest-memory guard covers all of it.
@@ -31,6 +31,9 @@ pub enum TapIoKind {
     /// One `writev`/`readv` system call per frame.
     Syscalls,
 }
+
+/// Failed `io_uring_enter` calls in one batch before the ring is given up.
+const MAX_SUBMIT_FAILURES: u32 = 100;
 
 /// Submission queue entries of a worker's ring: one TX step.
 const RING_ENTRIES: u32 = crate::datapath::TX_STEP as u32;
@@ -74,16 +77,13 @@ impl UringTap {
         while done < n {
             match self.ring.submit_and_wait(n - done) {
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
-                    // Entries the kernel has taken are waited for; if it keeps refusing to
-                    // take them, give up on the ring.
+                    // Entries the kernel has taken complete and are waited for. If it keeps
+                    // refusing to take them (EAGAIN, EBUSY are transient; others are not), give
+                    // up on the ring: entries never taken are never taken later.
                     failures += 1;
-                    if !self.ring.submission().is_empty() && failures > 3 {
+                    if !self.ring.submission().is_empty() && failures > MAX_SUBMIT_FAILURES {
                         return Err(e);
                     }
                 }
