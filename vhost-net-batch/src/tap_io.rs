@@ -7,7 +7,7 @@
 //! project's rig (a 2-vCPU VM, retpolines): 1,070–1,140 ns of CPU per 64-byte frame written with
 //! `writev`, 720–830 ns through the ring (`bench/results/2026-12-06-datapath-uring-64/`).
 //!
-//! Every submission is waited for before [`UringTap::writev_batch`] returns: the kernel never
+//! Every submission is waited for before [`TapQueue`]'s `writev_batch` returns: the kernel never
 //! reads guest memory after the call, so the caller's guest-memory guard covers all of it.
 //! The tap's fd is passed by number, not registered: the ring holds no reference to it between
 //! calls, and a restarted backend can attach the tap again at once.
@@ -38,68 +38,127 @@ const MAX_SUBMIT_FAILURES: u32 = 100;
 /// Submission queue entries of a worker's ring: one TX step.
 const RING_ENTRIES: u32 = crate::datapath::TX_STEP as u32;
 
-/// A tap queue written through an `io_uring`.
-pub struct UringTap {
+/// A worker's tap queue, written the way its [`TapIoKind`] says.
+pub struct TapQueue {
     fd: TapFd,
-    ring: IoUring,
-    /// The ring failed a submission: it is never entered again.
-    broken: bool,
-    /// Why, until the worker has reported it.
+    /// The ring while it is in use. None with `syscalls`, where no ring could be set up, and
+    /// once the ring failed a submission: it is dropped then, and entries it never took are
+    /// never taken.
+    ring: Option<IoUring>,
+    /// Why the ring was given up, until the worker has reported it.
     failure: Option<io::Error>,
 }
 
-impl std::fmt::Debug for UringTap {
+impl std::fmt::Debug for TapQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringTap").field("fd", &self.fd.0).finish()
+        f.debug_struct("TapQueue")
+            .field("fd", &self.fd.0)
+            .field("kind", &self.kind())
+            .finish()
     }
 }
 
-impl UringTap {
-    /// A ring for the tap queue `fd`; fails where `io_uring` is unavailable (old kernel,
-    /// `kernel.io_uring_disabled`, seccomp).
-    pub fn new(fd: RawFd) -> io::Result<Self> {
-        // The ring's fd is close-on-exec (io_uring_setup makes it so). Not SINGLE_ISSUER: the
-        // ring is made on the connection's thread and used on the worker's.
-        let ring = IoUring::builder().build(RING_ENTRIES)?;
-        Ok(UringTap {
+impl TapQueue {
+    /// The tap queue `fd` with `kind` I/O; `Uring` falls back to system calls where no ring can
+    /// be set up (old kernel, `kernel.io_uring_disabled`, seccomp: the error is returned beside
+    /// the queue, for the caller to log).
+    pub fn new(fd: RawFd, kind: TapIoKind) -> (Self, Option<io::Error>) {
+        let (ring, err) = match kind {
+            TapIoKind::Syscalls => (None, None),
+            // The ring's fd is close-on-exec (io_uring_setup makes it so). Not SINGLE_ISSUER:
+            // the ring is made on the connection's thread and used on the worker's.
+            TapIoKind::Uring => match IoUring::builder().build(RING_ENTRIES) {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e)),
+            },
+        };
+        let q = TapQueue {
             fd: TapFd(fd),
             ring,
-            broken: false,
             failure: None,
-        })
+        };
+        (q, err)
     }
 
-    /// Submits `n` queued entries and collects their completions into `res` (indexed by user
-    /// data). Returns only when every submitted entry has completed.
-    fn submit_all(&mut self, n: usize, res: &mut [i32]) -> io::Result<()> {
-        let mut done = 0;
-        let mut failures = 0;
-        while done < n {
-            match self.ring.submit_and_wait(n - done) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    // Entries the kernel has taken complete and are waited for. If it keeps
-                    // refusing to take them (EAGAIN, EBUSY are transient; others are not), give
-                    // up on the ring: entries never taken are never taken later.
-                    failures += 1;
-                    if !self.ring.submission().is_empty() && failures > MAX_SUBMIT_FAILURES {
-                        return Err(e);
-                    }
-                }
-            }
-            for cqe in self.ring.completion() {
-                if let Some(r) = res.get_mut(cqe.user_data() as usize) {
-                    *r = cqe.result();
-                    done += 1;
+    /// Why the ring stopped being used, once (for the worker to log).
+    pub fn take_failure(&mut self) -> Option<io::Error> {
+        self.failure.take()
+    }
+
+    /// The I/O in use (a ring that failed a submission counts as system calls).
+    pub fn kind(&self) -> TapIoKind {
+        if self.ring.is_some() {
+            TapIoKind::Uring
+        } else {
+            TapIoKind::Syscalls
+        }
+    }
+}
+
+/// Queues one `writev` per frame of `chunk` (`RWF_NOWAIT`, user data = index in the chunk) and
+/// returns how many the submission queue took.
+///
+/// # Safety
+/// The iovecs and the memory they point into must stay valid until [`submit_all`] has collected
+/// every queued entry's completion.
+unsafe fn queue_writes(
+    ring: &mut IoUring,
+    fd: RawFd,
+    iov: &[libc::iovec],
+    chunk: &[(usize, usize)],
+) -> usize {
+    let mut sq = ring.submission();
+    let mut queued = 0;
+    for (i, &(start, end)) in chunk.iter().enumerate() {
+        let e = opcode::Writev::new(
+            types::Fd(fd),
+            iov[start..end].as_ptr(),
+            (end - start) as u32,
+        )
+        // Never wait for room in the tap: a full one answers EAGAIN, as `writev` does.
+        .rw_flags(libc::RWF_NOWAIT)
+        .build()
+        .user_data(i as u64);
+        // SAFETY: the caller keeps the buffers valid until the completion is collected.
+        if unsafe { sq.push(&e) }.is_err() {
+            break;
+        }
+        queued += 1;
+    }
+    queued
+}
+
+/// Submits `n` queued entries and collects their completions into `res` (indexed by user
+/// data). Returns only when every entry the kernel took has completed; an error means it kept
+/// refusing to take some.
+fn submit_all(ring: &mut IoUring, n: usize, res: &mut [i32]) -> io::Result<()> {
+    let mut done = 0;
+    let mut failures = 0;
+    while done < n {
+        match ring.submit_and_wait(n - done) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => {
+                // Entries the kernel has taken complete and are waited for. If it keeps
+                // refusing to take them (EAGAIN, EBUSY are transient; others are not), give up
+                // on the ring.
+                failures += 1;
+                if !ring.submission().is_empty() && failures > MAX_SUBMIT_FAILURES {
+                    return Err(e);
                 }
             }
         }
-        Ok(())
+        for cqe in ring.completion() {
+            if let Some(r) = res.get_mut(cqe.user_data() as usize) {
+                *r = cqe.result();
+                done += 1;
+            }
+        }
     }
+    Ok(())
 }
 
-impl TapIo for UringTap {
+impl TapIo for TapQueue {
     fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         self.fd.readv(iov)
     }
@@ -109,113 +168,39 @@ impl TapIo for UringTap {
     }
 
     fn writev_batch(&mut self, iov: &[libc::iovec], frames: &[(usize, usize)], res: &mut Vec<i32>) {
-        if self.broken {
+        if self.ring.is_none() {
             return writev_each(&mut self.fd, iov, frames, res);
         }
         res.clear();
         res.resize(frames.len(), -libc::EAGAIN);
         let mut base = 0;
         while base < frames.len() {
+            let Some(ring) = self.ring.as_mut() else {
+                break;
+            };
             let chunk = &frames[base..(base + RING_ENTRIES as usize).min(frames.len())];
-            let mut queued = 0;
-            {
-                let mut sq = self.ring.submission();
-                for (i, &(start, end)) in chunk.iter().enumerate() {
-                    let e = opcode::Writev::new(
-                        types::Fd(self.fd.0),
-                        iov[start..end].as_ptr(),
-                        (end - start) as u32,
-                    )
-                    // Never wait for room in the tap: a full one answers EAGAIN, as `writev` does.
-                    .rw_flags(libc::RWF_NOWAIT)
-                    .build()
-                    .user_data(i as u64);
-                    // SAFETY: the iovecs and the guest memory they point into stay valid until
-                    // `submit_all` below has collected this entry's completion.
-                    if unsafe { sq.push(&e) }.is_err() {
-                        break;
-                    }
-                    queued += 1;
-                }
-            }
+            // SAFETY: `iov` and the guest memory it points into outlive this call, and
+            // `submit_all` collects every completion before it returns.
+            let queued = unsafe { queue_writes(ring, self.fd.0, iov, chunk) };
             let submitted = if queued == 0 {
                 Err(io::Error::other("the submission queue is full"))
             } else {
-                self.submit_all(queued, &mut res[base..base + queued])
+                submit_all(ring, queued, &mut res[base..base + queued])
             };
-            if let Err(e) = submitted {
-                // The ring refused the work: it is not entered again (entries it did not take
-                // stay unsubmitted for good), and frames go one call at a time from now on.
-                self.broken = true;
-                self.failure = Some(e);
-                let mut one = Vec::with_capacity(chunk.len());
-                writev_each(&mut self.fd, iov, chunk, &mut one);
-                res[base..base + chunk.len()].copy_from_slice(&one);
-                queued = chunk.len();
+            match submitted {
+                Ok(()) => base += queued,
+                Err(e) => {
+                    // The ring refused the work: frames go one call at a time from now on.
+                    self.ring = None;
+                    self.failure = Some(e);
+                }
             }
-            base += queued;
         }
-    }
-}
-
-/// A worker's tap queue, written the way its [`TapIoKind`] says.
-#[derive(Debug)]
-pub enum TapQueue {
-    /// One system call per frame.
-    Syscalls(TapFd),
-    /// TX steps through an `io_uring`.
-    Uring(Box<UringTap>),
-}
-
-impl TapQueue {
-    /// The tap queue `fd` with `kind` I/O; `Uring` falls back to system calls if no ring can be
-    /// set up (the error is returned beside the queue, for the caller to log).
-    pub fn new(fd: RawFd, kind: TapIoKind) -> (Self, Option<io::Error>) {
-        match kind {
-            TapIoKind::Syscalls => (TapQueue::Syscalls(TapFd(fd)), None),
-            TapIoKind::Uring => match UringTap::new(fd) {
-                Ok(u) => (TapQueue::Uring(Box::new(u)), None),
-                Err(e) => (TapQueue::Syscalls(TapFd(fd)), Some(e)),
-            },
-        }
-    }
-
-    /// Why the ring stopped being used, once (for the worker to log).
-    pub fn take_failure(&mut self) -> Option<io::Error> {
-        match self {
-            TapQueue::Uring(u) => u.failure.take(),
-            TapQueue::Syscalls(_) => None,
-        }
-    }
-
-    /// The I/O in use (a ring that failed a submission counts as system calls).
-    pub fn kind(&self) -> TapIoKind {
-        match self {
-            TapQueue::Uring(u) if !u.broken => TapIoKind::Uring,
-            _ => TapIoKind::Syscalls,
-        }
-    }
-}
-
-impl TapIo for TapQueue {
-    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
-        match self {
-            TapQueue::Syscalls(t) => t.readv(iov),
-            TapQueue::Uring(t) => t.readv(iov),
-        }
-    }
-
-    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
-        match self {
-            TapQueue::Syscalls(t) => t.writev(iov),
-            TapQueue::Uring(t) => t.writev(iov),
-        }
-    }
-
-    fn writev_batch(&mut self, iov: &[libc::iovec], frames: &[(usize, usize)], res: &mut Vec<i32>) {
-        match self {
-            TapQueue::Syscalls(t) => t.writev_batch(iov, frames, res),
-            TapQueue::Uring(t) => t.writev_batch(iov, frames, res),
+        if base < frames.len() {
+            // Once, when the ring was just given up.
+            let mut rest = Vec::with_capacity(frames.len() - base);
+            writev_each(&mut self.fd, iov, &frames[base..], &mut rest);
+            res[base..].copy_from_slice(&rest);
         }
     }
 }

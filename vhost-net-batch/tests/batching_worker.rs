@@ -16,6 +16,7 @@ use vhost_net_batch::config::VmConfig;
 use vhost_net_batch::control_socket::{
     request, serve_control, ListReply, Request, StatsReply, Vms,
 };
+use vhost_net_batch::metrics::QueueStats;
 use vhost_net_batch::policy::ModeKind;
 use vhost_net_batch::prometheus::{render_metrics, serve_metrics};
 use vm_memory::Bytes;
@@ -76,33 +77,44 @@ fn calls(g: &Guest, q: usize) -> u64 {
     g.call[q].read().unwrap_or(0)
 }
 
-#[test]
-fn rx_interrupts_are_deferred_coalesced_and_flushed_by_the_valves() {
-    let _ns = Netns::enter("bw");
+/// Runs `test` against a VM slot in `mode` on tap `vnb{tag}0`, in a network namespace of its
+/// own: a packet socket on the tap, a frontend with 128 RX buffers posted and its RX interrupt
+/// count read to zero, and the slot's queue counters.
+fn with_rx_guest(tag: &str, mode: &str, test: impl FnOnce(&Guest, &PacketSocket, &QueueStats)) {
+    let _ns = Netns::enter(tag);
     quiet_netns();
     let dir = tempdir();
     let sock = dir.join("vm.sock");
-    let slot = start_slot_cfg(cfg("bw", "vnbbw0", &sock, "fixed:100000"));
-    let pkt = PacketSocket::bind("vnbbw0");
+    let tap = format!("vnb{tag}0");
+    let slot = start_slot_cfg(cfg(tag, &tap, &sock, mode));
+    let pkt = PacketSocket::bind(&tap);
     let mem = guest_memory();
     let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
     g.post_rx(0, 128, 2048);
     std::thread::sleep(Duration::from_millis(200));
     let _ = calls(&g, 0);
-    let st = &slot.metrics().queues[0];
+    test(&g, &pkt, &slot.metrics().queues[0]);
+}
+
+#[test]
+fn rx_interrupts_are_deferred_coalesced_and_flushed_by_the_valves() {
+    with_rx_guest("bw", "fixed:100000", rx_valves);
+}
+
+fn rx_valves(g: &Guest, pkt: &PacketSocket, st: &QueueStats) {
     let fires0 = st.rx_timer_fires.load(Relaxed);
 
     // 10 frames, then traffic stops: completed at once, one interrupt after the 100 ms timer
     // for all of them, nothing left unsignalled.
-    tap_to_guest(&g, &pkt, 1, 10);
+    tap_to_guest(g, pkt, 1, 10);
     assert_eq!(
-        calls(&g, 0),
+        calls(g, 0),
         0,
         "RX interrupt not deferred (the timer is 100 ms; the frames were just completed)"
     );
     let end = Instant::now() + T;
     let n = loop {
-        let n = calls(&g, 0);
+        let n = calls(g, 0);
         if n > 0 || Instant::now() > end {
             break n;
         }
@@ -118,60 +130,52 @@ fn rx_interrupts_are_deferred_coalesced_and_flushed_by_the_valves() {
 
     // 70 frames: the frame cap (64) flushes before the timer.
     let cap0 = st.rx_flush_frame_cap.load(Relaxed);
-    tap_to_guest(&g, &pkt, 20, 70);
+    tap_to_guest(g, pkt, 20, 70);
     assert!(
         st.rx_flush_frame_cap.load(Relaxed) > cap0,
         "frame cap valve did not fire"
     );
-    assert!(calls(&g, 0) >= 1, "frame-cap flush signalled");
+    assert!(calls(g, 0) >= 1, "frame-cap flush signalled");
 
     // Few RX buffers left (< 25 % of the ring): the low-water valve flushes at once.
     std::thread::sleep(Duration::from_millis(300));
-    let _ = calls(&g, 0);
+    let _ = calls(g, 0);
     let lw0 = st.rx_flush_low_water.load(Relaxed);
     let free = 128 - g.used(0).len();
     assert!(free * 100 < 256 * 25, "test set-up: {free} buffers left");
-    tap_to_guest(&g, &pkt, 100, 1);
+    tap_to_guest(g, pkt, 100, 1);
     assert!(
         st.rx_flush_low_water.load(Relaxed) > lw0,
         "low-water valve did not fire with {free} buffers left"
     );
-    assert_eq!(calls(&g, 0), 1, "low-water flush signalled at once");
+    assert_eq!(calls(g, 0), 1, "low-water flush signalled at once");
 }
 
 #[test]
 fn a_polling_guest_gets_its_frames_without_an_rx_timer() {
-    let _ns = Netns::enter("bp");
-    quiet_netns();
-    let dir = tempdir();
-    let sock = dir.join("vm.sock");
-    let slot = start_slot_cfg(cfg("bp", "vnbbp0", &sock, "fixed:100000"));
-    let pkt = PacketSocket::bind("vnbbp0");
-    let mem = guest_memory();
-    let g = Guest::setup(Frontend::connect(&sock, 2).unwrap(), &mem, true);
-    g.post_rx(0, 128, 2048);
-    std::thread::sleep(Duration::from_millis(200));
-    let _ = calls(&g, 0);
-    let st = &slot.metrics().queues[0];
+    with_rx_guest("bp", "fixed:100000", polling_guest);
+}
+
+fn polling_guest(g: &Guest, pkt: &PacketSocket, st: &QueueStats) {
     let fires0 = st.rx_timer_fires.load(Relaxed);
     // The guest polls: VRING_AVAIL_F_NO_INTERRUPT (no EVENT_IDX here). Nothing to hold back,
     // so no 100 ms timer is armed for these frames, and no interrupt is sent.
-    mem.write_obj(1u16, g.rx.avail_addr()).unwrap();
-    tap_to_guest(&g, &pkt, 1, 10);
+    g.mem.write_obj(1u16, g.rx.avail_addr()).unwrap();
+    tap_to_guest(g, pkt, 1, 10);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         st.rx_timer_fires.load(Relaxed),
         fires0,
         "an RX timer ran for a guest that asked for no interrupt"
     );
-    assert_eq!(calls(&g, 0), 0, "an interrupt the guest did not ask for");
+    assert_eq!(calls(g, 0), 0, "an interrupt the guest did not ask for");
     // Interrupts on again: the delay applies (one interrupt, after the timer).
-    mem.write_obj(0u16, g.rx.avail_addr()).unwrap();
-    tap_to_guest(&g, &pkt, 20, 10);
-    assert_eq!(calls(&g, 0), 0, "RX interrupt not deferred");
+    g.mem.write_obj(0u16, g.rx.avail_addr()).unwrap();
+    tap_to_guest(g, pkt, 20, 10);
+    assert_eq!(calls(g, 0), 0, "RX interrupt not deferred");
     assert!(eventually(|| st.rx_timer_fires.load(Relaxed) > fires0));
     assert!(
-        eventually(|| calls(&g, 0) == 1),
+        eventually(|| calls(g, 0) == 1),
         "one interrupt after the timer"
     );
 }
