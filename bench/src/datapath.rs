@@ -73,6 +73,63 @@ impl Direction {
     }
 }
 
+/// How hard the RX flood pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RxLoad {
+    /// More than any backend takes: the sender sends 64 frames per `sendmmsg` and runs at a
+    /// higher priority (nice −10) than the backend it shares a CPU with, so the tap's queue
+    /// stays full and drops the excess. The backend never waits for a frame: frames per
+    /// backend CPU-second are the cost of a frame, as on the TX side.
+    #[default]
+    Full,
+    /// One `send` per frame at normal priority (every campaign before 2026-12-06's read-ahead
+    /// one): the sender and the backend share a CPU, the backend is idle about half the time
+    /// and its cost per frame includes the sleeps and wake-ups the arrival rate decides.
+    Partial,
+}
+
+impl RxLoad {
+    /// What the load means, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RxLoad::Full => {
+                "the flood offers more than the backend takes; it never waits for a frame"
+            }
+            RxLoad::Partial => {
+                "one send per frame at normal priority; the backend idles about half the time"
+            }
+        }
+    }
+
+    /// `full` or `partial`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RxLoad::Full => "full",
+            RxLoad::Partial => "partial",
+        }
+    }
+}
+
+impl std::str::FromStr for RxLoad {
+    type Err = BenchError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(RxLoad::Full),
+            "partial" => Ok(RxLoad::Partial),
+            _ => Err(BenchError::Input(format!(
+                "unknown RX load {s:?}: use full or partial"
+            ))),
+        }
+    }
+}
+
+/// Old campaigns' results (before `rx_load` was recorded) were measured at partial load.
+fn partial() -> RxLoad {
+    RxLoad::Partial
+}
+
 impl std::str::FromStr for Direction {
     type Err = BenchError;
 
@@ -96,6 +153,8 @@ pub struct DatapathOptions {
     pub directions: Vec<Direction>,
     /// Ethernet frame length, bytes (60 to 1514).
     pub frame_len: u16,
+    /// How hard the RX flood pushes.
+    pub rx_load: RxLoad,
     /// Repetitions per configuration.
     pub reps: u32,
     /// Measured seconds per run (after the warm-up).
@@ -156,6 +215,9 @@ pub struct DatapathCampaign {
     /// Ethernet frame length, bytes.
     #[serde(default = "default_frame_len")]
     pub frame_len: u16,
+    /// How hard the RX flood pushed.
+    #[serde(default = "partial")]
+    pub rx_load: RxLoad,
     /// Measured seconds per run.
     pub duration: u32,
     /// Every run, in the order run.
@@ -248,9 +310,46 @@ pub fn testpmd_total(out: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Frames the RX flood sends per `sendmmsg` at full load.
+const FLOOD_BATCH: usize = 64;
+/// The RX flood's nice value at full load.
+const FULL_NICE: libc::c_int = -10;
+/// The CPU the backend and the RX flood share at full load. testpmd (`-l 0-1`) forwards on
+/// CPU 1 and keeps its main thread, mostly asleep, on CPU 0.
+const SHARED_CPU: usize = 0;
+
+/// Pins thread `tid` to `cpu`.
+fn pin(tid: libc::pid_t, cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is valid for the call.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(BenchError::Setup(format!(
+            "sched_setaffinity {tid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Pins every thread of process `pid` to `cpu`.
+fn pin_process(pid: u32, cpu: usize) -> Result<()> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(BenchError::file(&dir))?;
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+            // A thread may have ended meanwhile.
+            let _ = pin(tid, cpu);
+        }
+    }
+    Ok(())
+}
+
 /// Floods the tap with `len`-byte frames from a packet socket until `stop`; returns how many
-/// the kernel took. Runs on its own thread, which enters the namespace `ns`.
-fn flood(ns: &str, len: usize, stop: &AtomicBool) -> Result<u64> {
+/// the kernel took (the tap drops what its queue cannot hold). Runs on its own thread, which
+/// enters the namespace `ns`.
+fn flood(ns: &str, len: usize, load: RxLoad, stop: &AtomicBool) -> Result<u64> {
     let nsf = std::fs::File::open(format!("/var/run/netns/{ns}"))
         .map_err(BenchError::file(format!("/var/run/netns/{ns}")))?;
     // SAFETY: moves only this thread into the namespace; the fd is valid.
@@ -274,10 +373,33 @@ fn flood(ns: &str, len: usize, stop: &AtomicBool) -> Result<u64> {
     frame[..6].copy_from_slice(&[0x52, 0x54, 0x00, 0x77, 0x06, 0x02]);
     frame[6..12].copy_from_slice(&[0x02, 0, 0, 0x77, 0x06, 0x01]);
     frame[12..14].copy_from_slice(&[0x88, 0xb6]);
+    let batch = match load {
+        RxLoad::Partial => 1,
+        RxLoad::Full => {
+            // This thread only: it shares the backend's CPU and must offer more than any
+            // backend takes.
+            // SAFETY: a syscall on this thread's id.
+            let tid = unsafe { libc::gettid() };
+            pin(tid, SHARED_CPU)?;
+            // SAFETY: a syscall on this thread's id.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, FULL_NICE) } != 0 {
+                return Err(BenchError::Setup(format!(
+                    "setpriority {FULL_NICE} for the RX flood (needs root or CAP_SYS_NICE): {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            FLOOD_BATCH
+        }
+    };
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        match sock.send(&frame) {
-            Ok(_) => sent += 1,
+        let res = if batch == 1 {
+            sock.send(&frame).map(|_| 1)
+        } else {
+            sock.send_copies(&frame, batch)
+        };
+        match res {
+            Ok(n) => sent += n as u64,
             Err(vnb_common::packet::PacketError::Io(_, e))
                 if e.raw_os_error() == Some(libc::ENOBUFS) => {}
             Err(e) => {
@@ -374,14 +496,22 @@ fn run_one(
         }
     };
     let flood_stop = AtomicBool::new(false);
+    let full_rx = dir_kind == Direction::Rx && opts.rx_load == RxLoad::Full;
+    if full_rx {
+        pin_process(rig.backend_pid(), SHARED_CPU)?;
+    }
     let measured = std::thread::scope(|s| {
         let sender = (dir_kind == Direction::Rx).then(|| {
             // testpmd needs a moment to bring its port up before frames can land anywhere.
             sleep(1);
-            s.spawn(|| flood(&ns, opts.frame_len.into(), &flood_stop))
+            s.spawn(|| flood(&ns, opts.frame_len.into(), opts.rx_load, &flood_stop))
         });
-        sleep(opts.warmup);
         let pid = rig.backend_pid();
+        if full_rx {
+            // Again once testpmd is connected: threads started for the connection exist now.
+            let _ = pin_process(pid, SHARED_CPU);
+        }
+        sleep(opts.warmup);
         let cpu = || procfs::cpu_seconds(pid).unwrap_or(0.0);
         let w0 = (Instant::now(), rig.tap_stat(stat), cpu());
         sleep(opts.duration);
@@ -494,6 +624,7 @@ pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCam
         configs: opts.configs.iter().map(Backend::name).collect(),
         directions: opts.directions.clone(),
         frame_len: opts.frame_len,
+        rx_load: opts.rx_load,
         duration: opts.duration,
         runs: Vec::new(),
         interrupted: false,
@@ -603,6 +734,13 @@ pub fn markdown(c: &DatapathCampaign) -> String {
     }
     for &d in &c.directions {
         s += &format!("## {}: {}\n\n", d.name(), d.describe());
+        if d == Direction::Rx {
+            s += &format!(
+                "RX load: `{}` ({}).\n\n",
+                c.rx_load.name(),
+                c.rx_load.describe()
+            );
+        }
         s += "| configuration | runs | pps (mean ± sd) | packets per backend CPU-s (mean ± sd) | backend CPU share | pps ratio (median, min–max) | per CPU-s ratio (median, min–max) |\n";
         s += "|---|---|---|---|---|---|---|\n";
         for name in &c.configs {
@@ -696,6 +834,7 @@ mod tests {
             configs: vec!["off".into(), "ext:old".into()],
             directions: vec![Direction::Tx, Direction::Rx],
             frame_len: 64,
+            rx_load: RxLoad::Full,
             duration: 1,
             runs,
             interrupted: false,

@@ -188,6 +188,42 @@ impl PacketSocket {
         Ok(n as usize)
     }
 
+    /// Sends `copies` copies of one frame with one `sendmmsg` call (a flood that costs its
+    /// sender little per frame); returns how many the kernel took.
+    pub fn send_copies(&self, frame: &[u8], copies: usize) -> Result<usize, PacketError> {
+        // SAFETY: zeroed sockaddr_ll is valid; the destination is in the frame itself.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        for (d, s) in sll.sll_addr.iter_mut().zip(frame.iter().take(6)) {
+            *d = *s;
+        }
+        let mut iov = libc::iovec {
+            iov_base: frame.as_ptr().cast_mut().cast(),
+            iov_len: frame.len(),
+        };
+        let mut msgs: Vec<libc::mmsghdr> = (0..copies.min(1024))
+            .map(|_| {
+                // SAFETY: a zeroed mmsghdr is valid; the pointers are set below.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                m.msg_hdr.msg_iov = &mut iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: every header points at `sll`, `iov` and `frame`, valid for the call; the
+        // kernel only reads the frame.
+        let n =
+            unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) };
+        if n < 0 {
+            return Err(last_err("sendmmsg"));
+        }
+        Ok(n as usize)
+    }
+
     /// Receives frames until `accept` returns `Some` or `timeout` passes.
     pub fn recv_until<T>(
         &self,

@@ -230,9 +230,10 @@ pub struct VmConfig {
     #[arg(long, value_name = "GROUP")]
     #[serde(default)]
     pub socket_group: Option<String>,
-    /// How frames go to the tap: `uring` (default: each TX step's frames in one `io_uring`
-    /// submission, falling back to system calls where `io_uring` is unavailable) or `syscalls`
-    /// (one `writev` per frame).
+    /// How frames go to and come from the tap: `uring` (default: each TX step's frames in one
+    /// `io_uring` submission, RX frames read ahead in batches through it, falling back to
+    /// system calls where `io_uring` is unavailable) or `syscalls` (one `writev` or `readv` per
+    /// frame).
     #[arg(long, value_name = "IO")]
     #[serde(default)]
     pub tap_io: Option<TapIoKind>,

@@ -2,9 +2,13 @@
 //!
 //! Mechanism only; no policy. Every guest-supplied descriptor is checked (direction, bounds in
 //! guest memory, chain termination, minimum header size) and a bad chain is completed with length
-//! 0 and counted instead of being trusted. Frames move with one `readv`/`writev` per packet
-//! straight between the tap and guest buffers; only RX frames larger than the first mergeable
-//! buffer take a second copy out of a per-queue scratch buffer allocated once.
+//! 0 and counted instead of being trusted. TX frames go from guest buffers straight to the tap,
+//! a step's frames in one [`TapIo::writev_batch`]. RX frames are read straight into guest
+//! buffers, one `readv` per frame, or, from a tap that reads many frames per call
+//! ([`TapIo::batches_reads`]), read ahead into the path's own buffers and copied from there
+//! ([`crate::read_ahead`]). The part of a frame larger than its first mergeable buffer is placed
+//! in further buffers from a per-queue scratch buffer allocated once, or from its read-ahead
+//! buffer.
 //!
 //! Every loop the guest drives is bounded: a run moves at most a budget of chains (good or bad)
 //! and walks at most [`RUN_DESC_BUDGET`] descriptors, a chain has at most [`MAX_CHAIN_DESCS`]
@@ -17,7 +21,9 @@ use std::os::fd::RawFd;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use crate::read_ahead::{Ahead, ReadAhead};
 
 /// Most packets one direction moves before yielding to the other (like `VHOST_NET_WEIGHT`).
 pub const BATCH_BUDGET: usize = 256;
@@ -53,6 +59,24 @@ impl ControlFrame {
     pub fn bytes(&self) -> &[u8] {
         &self.data[..self.len]
     }
+}
+
+/// Copies `src` into the buffer that `iov` describes, as far as it goes; returns the bytes
+/// copied.
+fn copy_to_iov(mut src: &[u8], iov: &[libc::iovec]) -> usize {
+    let mut done = 0;
+    for v in iov {
+        if src.is_empty() {
+            break;
+        }
+        let n = v.iov_len.min(src.len());
+        // SAFETY: every iovec points into mapped guest memory, valid while the caller holds the
+        // memory guard; a volatile copy because the guest may access it concurrently.
+        unsafe { VolatileSlice::new(v.iov_base.cast(), n) }.copy_from(&src[..n]);
+        src = &src[n..];
+        done += n;
+    }
+    done
 }
 
 /// Copies the bytes at `offset` of the buffer that `iov` describes into `out`; returns how many
@@ -190,6 +214,42 @@ pub trait TapIo {
     fn writev_batch(&mut self, iov: &[libc::iovec], frames: &[(usize, usize)], res: &mut Vec<i32>) {
         writev_each(self, iov, frames, res);
     }
+    /// Whether [`TapIo::readv_batch`] reads several frames per call: the RX path then reads
+    /// ahead into buffers of its own ([`crate::read_ahead`]) instead of straight into guest
+    /// chains.
+    fn batches_reads(&self) -> bool {
+        false
+    }
+    /// Reads several frames, frame `i` into `bufs[i]`, and sets `res[i]` (one entry per buffer)
+    /// to its length or `-errno`. Reads are tried in order; a frame that arrives during the
+    /// call may fill a later buffer after an earlier read found the tap empty. The default is
+    /// [`readv_each`]: one `readv` per buffer, stopping at the first `EAGAIN`.
+    fn readv_batch(&mut self, bufs: &[libc::iovec], res: &mut Vec<i32>) {
+        readv_each(self, bufs, res);
+    }
+}
+
+/// A syscall's result as a batch entry: the byte count or `-errno`.
+fn batch_result(r: io::Result<usize>) -> i32 {
+    match r {
+        Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => -libc::EAGAIN,
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+/// One [`TapIo::readv`] per buffer of a batch; after the first `EAGAIN` the remaining buffers
+/// are not tried and report `-EAGAIN` too.
+pub fn readv_each<T: TapIo + ?Sized>(tap: &mut T, bufs: &[libc::iovec], res: &mut Vec<i32>) {
+    res.clear();
+    for b in bufs {
+        let r = batch_result(tap.readv(std::slice::from_ref(b)));
+        res.push(r);
+        if r == -libc::EAGAIN {
+            break;
+        }
+    }
+    res.resize(bufs.len(), -libc::EAGAIN);
 }
 
 /// One [`TapIo::writev`] per frame of a batch; after the first `EAGAIN` the remaining frames are
@@ -202,11 +262,7 @@ pub fn writev_each<T: TapIo + ?Sized>(
 ) {
     res.clear();
     for &(start, end) in frames {
-        let r = match tap.writev(&iov[start..end]) {
-            Ok(n) => i32::try_from(n).unwrap_or(i32::MAX),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => -libc::EAGAIN,
-            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-        };
+        let r = batch_result(tap.writev(&iov[start..end]));
         res.push(r);
         if r == -libc::EAGAIN {
             break;
@@ -783,6 +839,8 @@ struct PendingRx {
     filled: usize,
     /// Bytes placed in the first chain.
     first_len: usize,
+    /// The read-ahead buffer holding the frame; `None`: the rest is in the scratch buffer.
+    ahead_slot: Option<usize>,
 }
 
 /// Why a device-made frame could not be put on the RX ring.
@@ -818,6 +876,8 @@ pub struct RxPath {
     extra: Vec<(u16, u32)>,
     scratch: Box<[u8]>,
     pending: Option<PendingRx>,
+    /// Frames read ahead, for a tap that reads many per call.
+    ahead: ReadAhead,
     /// Mark the guest pages the tap's frames are read into in the dirty-page log (live
     /// migration); other writes go through `vm-memory`, which marks them itself.
     pub log_writes: bool,
@@ -836,6 +896,7 @@ impl std::fmt::Debug for RxPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RxPath")
             .field("pending", &self.pending)
+            .field("ahead", &self.ahead)
             .finish()
     }
 }
@@ -851,25 +912,31 @@ impl RxPath {
             extra: Vec::with_capacity(64),
             scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
             pending: None,
+            ahead: ReadAhead::new(),
             log_writes: false,
         }
     }
 
-    /// Whether a frame is waiting for more guest buffers.
+    /// Whether a frame is half placed, waiting for more guest buffers.
     pub fn has_pending(&self) -> bool {
         self.pending.is_some()
     }
 
+    /// Frames read from the tap and not yet in the guest's ring: one half placed, and those
+    /// read ahead. The next run places them before reading the tap again.
+    pub fn held(&self) -> u64 {
+        u64::from(self.pending.is_some()) + self.ahead.held() as u64
+    }
+
     /// Gives back the chains held by a partly placed frame (the ring is being stopped) and drops
-    /// the frame. Returns true if a frame was dropped.
-    pub fn abandon_pending(&mut self, q: &mut Queue) -> bool {
-        match self.pending.take() {
-            Some(p) => {
-                q.set_next_avail(p.start_avail);
-                true
-            }
-            None => false,
+    /// it and the frames read ahead. Returns how many frames were dropped.
+    pub fn abandon_pending(&mut self, q: &mut Queue) -> u64 {
+        let dropped = self.held();
+        if let Some(p) = self.pending.take() {
+            q.set_next_avail(p.start_avail);
         }
+        self.ahead.discard();
+        dropped
     }
 
     /// Puts a frame made by the device itself (a control reply: Ethernet header + payload) into
@@ -1006,13 +1073,32 @@ impl RxPath {
                     continue;
                 }
             };
-            // Frames larger than the first chain spill into the scratch buffer.
-            self.iov.push(libc::iovec {
-                iov_base: self.scratch.as_mut_ptr().cast(),
-                iov_len: self.scratch.len(),
-            });
-            let n = match tap.readv(&self.iov) {
-                Ok(n) => n,
+            let read = if tap.batches_reads() || self.ahead.held() > 0 {
+                // No more frames than the guest has buffers for (this chain and the posted
+                // ones) and the run has budget left.
+                let c = &out.counts;
+                let left = budget.saturating_sub((c.packets + c.dropped + c.control) as usize);
+                let room = || (usize::from(free_buffers(q, mem)) + 1).min(left);
+                let got = self.ahead.next(tap, room);
+                if let Some((n, e)) = self.ahead.take_errors() {
+                    for _ in 0..n {
+                        out.counts.tap_error(&e);
+                    }
+                }
+                match got {
+                    Ahead::Frame { slot, len } => Ok((len, Some(slot))),
+                    Ahead::Empty => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+                }
+            } else {
+                // Frames larger than the first chain spill into the scratch buffer.
+                self.iov.push(libc::iovec {
+                    iov_base: self.scratch.as_mut_ptr().cast(),
+                    iov_len: self.scratch.len(),
+                });
+                tap.readv(&self.iov).map(|n| (n, None))
+            };
+            let (n, ahead_slot) = match read {
+                Ok(r) => r,
                 Err(e) => {
                     unpop(q);
                     if e.kind() != io::ErrorKind::WouldBlock {
@@ -1028,11 +1114,27 @@ impl RxPath {
                 out.counts.dropped += 1;
                 continue;
             }
-            if control_at(&self.iov, hdr.len, n).is_some() {
+            let frame_iov;
+            let frame: &[libc::iovec] = match ahead_slot {
+                Some(slot) => {
+                    let f = self.ahead.frame(slot, n);
+                    frame_iov = [libc::iovec {
+                        iov_base: f.as_ptr().cast_mut().cast(),
+                        iov_len: f.len(),
+                    }];
+                    &frame_iov
+                }
+                None => &self.iov,
+            };
+            if control_at(frame, hdr.len, n).is_some() {
                 // Nobody outside may forge control replies: drop, reuse the chain.
                 unpop(q);
                 out.counts.control += 1;
                 continue;
+            }
+            if let Some(slot) = ahead_slot {
+                let f = self.ahead.frame(slot, n);
+                copy_to_iov(&f[..f.len().min(cap)], &self.iov);
             }
             if self.log_writes {
                 mark_dirty(mem, &self.segs, n.min(cap));
@@ -1060,6 +1162,7 @@ impl RxPath {
                 first: head,
                 filled: cap,
                 first_len: cap,
+                ahead_slot,
             };
             // Keep the first chain's segments; both buffers are reused, nothing allocated.
             std::mem::swap(&mut self.segs, &mut self.first_segs);
@@ -1117,8 +1220,12 @@ impl RxPath {
             }) {
                 Ok(cap) => {
                     let take = cap.min(p.len - p.filled);
-                    let from = p.filled - p.first_len;
-                    if !write_segs(mem, &self.seg_scratch, 0, &self.scratch[from..from + take]) {
+                    let rest = match p.ahead_slot {
+                        Some(slot) => self.ahead.frame(slot, p.len).get(p.filled..),
+                        None => self.scratch.get(p.filled - p.first_len..),
+                    }
+                    .unwrap_or_default();
+                    if !write_segs(mem, &self.seg_scratch, 0, &rest[..take.min(rest.len())]) {
                         counts.bad_chain(head, ChainError::OutOfMemory);
                     }
                     self.extra.push((head, take as u32));

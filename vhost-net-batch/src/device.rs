@@ -184,15 +184,16 @@ impl NetDevice {
 }
 
 impl Drop for NetDevice {
-    /// A frontend that vanished without stopping its rings (QEMU killed) can leave a frame read
-    /// from the tap but only partly placed in guest buffers: it is lost, and counted as dropped.
+    /// A frontend that vanished without stopping its rings (QEMU killed) can leave frames read
+    /// from the tap and not yet in guest buffers (one partly placed, or read ahead): they are
+    /// lost, and counted as dropped.
     /// Control replies still waiting for an RX buffer are lost too, and counted as such.
     fn drop(&mut self) {
         for (qp, w) in self.workers.iter().enumerate() {
             let w = lock(w);
-            if w.has_pending_rx() {
-                self.metrics.queues[qp].rx_dropped.fetch_add(1, Relaxed);
-            }
+            self.metrics.queues[qp]
+                .rx_dropped
+                .fetch_add(w.held_rx(), Relaxed);
             self.batching.count_control(0, w.queued_replies() as u64);
         }
     }
@@ -283,9 +284,9 @@ impl VhostUserBackend for NetDevice {
                 self.frontend_waiting.fetch_add(1, SeqCst);
                 let dropped = lock(w).stop_rx();
                 self.frontend_waiting.fetch_sub(1, SeqCst);
-                if dropped {
-                    self.metrics.queues[qp].rx_dropped.fetch_add(1, Relaxed);
-                }
+                self.metrics.queues[qp]
+                    .rx_dropped
+                    .fetch_add(dropped, Relaxed);
             }
         }
         Ok(())

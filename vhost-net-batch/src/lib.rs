@@ -14,6 +14,7 @@
 //! - [`shim`]: the message-level shim that makes stock QEMU's connect sequence acceptable;
 //! - [`server`]: per-VM sockets, connections and reconnects;
 //! - [`tap`], [`timer`]: the tap device and the workers' `timerfd`s;
+//! - [`tap_io`], [`read_ahead`]: how a worker reads and writes its tap (many frames per call);
 //! - [`metrics`]: counters per VM and queue pair;
 //! - [`control_socket`], [`prometheus`], [`metrics_endpoint`]: the operator interfaces;
 //! - [`access`]: socket modes, groups and the peer check of every connection.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod metrics_endpoint;
 pub mod policy;
 pub mod prometheus;
+pub mod read_ahead;
 pub mod server;
 pub mod shim;
 pub mod tap;

@@ -1,31 +1,36 @@
-//! How a worker moves frames to and from its tap queue: one system call per frame, or, for the
-//! guest → tap direction, many `writev`s submitted at once through an `io_uring`.
+//! How a worker moves frames to and from its tap queue: one system call per frame, or many
+//! `writev`s or `read`s submitted at once through an `io_uring`.
 //!
-//! A tap takes one frame per `write` and has no multi-frame write, so on the TX path the system
-//! call's entry and exit are paid once per frame. Submitting a whole TX step's frames (up to
-//! [`crate::datapath::TX_STEP`]) as one `io_uring_enter` pays them once per step. Measured on the
-//! project's rig (a 2-vCPU VM, retpolines): 1,070–1,140 ns of CPU per 64-byte frame written with
-//! `writev`, 720–830 ns through the ring (`bench/results/2026-12-06-datapath-uring-64/`).
+//! A tap takes or gives one frame per call and has no multi-frame write or read, so one
+//! system call per frame pays its entry and exit per frame. Submitting a whole TX step's frames
+//! (up to [`crate::datapath::TX_STEP`]) as one `io_uring_enter` pays them once per step.
+//! Measured on the project's rig (a 2-vCPU VM, retpolines): 1,070–1,140 ns of CPU per 64-byte
+//! frame written with `writev`, 720–830 ns through the ring
+//! (`bench/results/2026-12-06-datapath-uring-64/`). On the RX side the same ring reads a batch of
+//! frames ahead into the RX path's own buffers ([`crate::read_ahead`]).
 //!
-//! Every submission is waited for before [`TapQueue`]'s `writev_batch` returns: the kernel never
-//! reads guest memory after the call, so the caller's guest-memory guard covers all of it.
-//! The tap's fd is passed by number, not registered: the ring holds no reference to it between
-//! calls, and a restarted backend can attach the tap again at once.
+//! Every submission is waited for before [`TapQueue`]'s `writev_batch` or `readv_batch`
+//! returns: the kernel never touches the buffers after the call, so the caller's guest-memory
+//! guard covers all of it. Entries carry `RWF_NOWAIT`, so a full or empty tap answers `EAGAIN`
+//! at once instead of parking an entry in the kernel. The tap's fd is passed by number, not
+//! registered: the ring holds no reference to it between calls, and a restarted backend can
+//! attach the tap again at once.
 
 use std::io;
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{writev_each, TapFd, TapIo};
+use crate::datapath::{readv_each, writev_each, TapFd, TapIo};
 
 /// How frames are written to the tap (operator setting `--tap-io`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TapIoKind {
-    /// Each TX step's frames in one `io_uring` submission; one `writev` per frame where the
-    /// kernel or a sandbox refuses `io_uring` (logged once per connection).
+    /// Each TX step's frames in one `io_uring` submission, and RX frames read ahead in batches
+    /// through it; one system call per frame where the kernel or a sandbox refuses `io_uring`
+    /// (logged once per connection).
     #[default]
     Uring,
     /// One `writev`/`readv` system call per frame.
@@ -35,7 +40,8 @@ pub enum TapIoKind {
 /// Failed `io_uring_enter` calls in one batch before the ring is given up.
 const MAX_SUBMIT_FAILURES: u32 = 100;
 
-/// Submission queue entries of a worker's ring: one TX step.
+/// Submission queue entries of a worker's ring: one TX step (an RX batch,
+/// [`crate::read_ahead::READ_AHEAD`], is smaller).
 const RING_ENTRIES: u32 = crate::datapath::TX_STEP as u32;
 
 /// A worker's tap queue, written the way its [`TapIoKind`] says.
@@ -95,39 +101,6 @@ impl TapQueue {
     }
 }
 
-/// Queues one `writev` per frame of `chunk` (`RWF_NOWAIT`, user data = index in the chunk) and
-/// returns how many the submission queue took.
-///
-/// # Safety
-/// The iovecs and the memory they point into must stay valid until [`submit_all`] has collected
-/// every queued entry's completion.
-unsafe fn queue_writes(
-    ring: &mut IoUring,
-    fd: RawFd,
-    iov: &[libc::iovec],
-    chunk: &[(usize, usize)],
-) -> usize {
-    let mut sq = ring.submission();
-    let mut queued = 0;
-    for (i, &(start, end)) in chunk.iter().enumerate() {
-        let e = opcode::Writev::new(
-            types::Fd(fd),
-            iov[start..end].as_ptr(),
-            (end - start) as u32,
-        )
-        // Never wait for room in the tap: a full one answers EAGAIN, as `writev` does.
-        .rw_flags(libc::RWF_NOWAIT)
-        .build()
-        .user_data(i as u64);
-        // SAFETY: the caller keeps the buffers valid until the completion is collected.
-        if unsafe { sq.push(&e) }.is_err() {
-            break;
-        }
-        queued += 1;
-    }
-    queued
-}
-
 /// Submits `n` queued entries and collects their completions into `res` (indexed by user
 /// data). Returns only when every entry the kernel took has completed; an error means it kept
 /// refusing to take some.
@@ -158,6 +131,60 @@ fn submit_all(ring: &mut IoUring, n: usize, res: &mut [i32]) -> io::Result<()> {
     Ok(())
 }
 
+impl TapQueue {
+    /// Runs operations `0..n` through the ring, operation `i` being `entry(i)`, and sets
+    /// `res[i]` to its result (`-EAGAIN` for any not run). Returns how many ran: all of them,
+    /// unless the ring is (or gets) given up, in which case the caller does the rest with
+    /// system calls.
+    ///
+    /// # Safety
+    /// The buffers each entry points to must stay valid until this returns (every completion
+    /// is collected before it does).
+    unsafe fn through_ring(
+        &mut self,
+        n: usize,
+        entry: impl Fn(usize) -> squeue::Entry,
+        res: &mut Vec<i32>,
+    ) -> usize {
+        res.clear();
+        res.resize(n, -libc::EAGAIN);
+        let mut base = 0;
+        while base < n {
+            let Some(ring) = self.ring.as_mut() else {
+                break;
+            };
+            let end = (base + RING_ENTRIES as usize).min(n);
+            let mut queued = 0;
+            {
+                let mut sq = ring.submission();
+                for i in base..end {
+                    let e = entry(i).user_data((i - base) as u64);
+                    // SAFETY: the caller keeps the buffers valid until every completion is
+                    // collected, which `submit_all` does before this returns.
+                    if unsafe { sq.push(&e) }.is_err() {
+                        break;
+                    }
+                    queued += 1;
+                }
+            }
+            let submitted = if queued == 0 {
+                Err(io::Error::other("the submission queue is full"))
+            } else {
+                submit_all(ring, queued, &mut res[base..base + queued])
+            };
+            match submitted {
+                Ok(()) => base += queued,
+                Err(e) => {
+                    // The ring refused the work: one call per frame from now on.
+                    self.ring = None;
+                    self.failure = Some(e);
+                }
+            }
+        }
+        base
+    }
+}
+
 impl TapIo for TapQueue {
     fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         self.fd.readv(iov)
@@ -171,36 +198,46 @@ impl TapIo for TapQueue {
         if self.ring.is_none() {
             return writev_each(&mut self.fd, iov, frames, res);
         }
-        res.clear();
-        res.resize(frames.len(), -libc::EAGAIN);
-        let mut base = 0;
-        while base < frames.len() {
-            let Some(ring) = self.ring.as_mut() else {
-                break;
-            };
-            let chunk = &frames[base..(base + RING_ENTRIES as usize).min(frames.len())];
-            // SAFETY: `iov` and the guest memory it points into outlive this call, and
-            // `submit_all` collects every completion before it returns.
-            let queued = unsafe { queue_writes(ring, self.fd.0, iov, chunk) };
-            let submitted = if queued == 0 {
-                Err(io::Error::other("the submission queue is full"))
-            } else {
-                submit_all(ring, queued, &mut res[base..base + queued])
-            };
-            match submitted {
-                Ok(()) => base += queued,
-                Err(e) => {
-                    // The ring refused the work: frames go one call at a time from now on.
-                    self.ring = None;
-                    self.failure = Some(e);
-                }
-            }
-        }
-        if base < frames.len() {
+        let fd = types::Fd(self.fd.0);
+        let write = |i: usize| {
+            let (start, end) = frames[i];
+            opcode::Writev::new(fd, iov[start..end].as_ptr(), (end - start) as u32)
+                // Never wait for room in the tap: a full one answers EAGAIN, as `writev` does.
+                .rw_flags(libc::RWF_NOWAIT)
+                .build()
+        };
+        // SAFETY: `iov` and the guest memory it points into outlive this call.
+        let done = unsafe { self.through_ring(frames.len(), write, res) };
+        if done < frames.len() {
             // Once, when the ring was just given up.
-            let mut rest = Vec::with_capacity(frames.len() - base);
-            writev_each(&mut self.fd, iov, &frames[base..], &mut rest);
-            res[base..].copy_from_slice(&rest);
+            let mut rest = Vec::with_capacity(frames.len() - done);
+            writev_each(&mut self.fd, iov, &frames[done..], &mut rest);
+            res[done..].copy_from_slice(&rest);
+        }
+    }
+
+    fn batches_reads(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    fn readv_batch(&mut self, bufs: &[libc::iovec], res: &mut Vec<i32>) {
+        if self.ring.is_none() {
+            return readv_each(&mut self.fd, bufs, res);
+        }
+        let fd = types::Fd(self.fd.0);
+        let read = |i: usize| {
+            let b = &bufs[i];
+            opcode::Read::new(fd, b.iov_base.cast(), b.iov_len as u32)
+                // Never wait for a frame: an empty tap answers EAGAIN, as `readv` does.
+                .rw_flags(libc::RWF_NOWAIT)
+                .build()
+        };
+        // SAFETY: the buffers `bufs` points to outlive this call.
+        let done = unsafe { self.through_ring(bufs.len(), read, res) };
+        if done < bufs.len() {
+            let mut rest = Vec::with_capacity(bufs.len() - done);
+            readv_each(&mut self.fd, &bufs[done..], &mut rest);
+            res[done..].copy_from_slice(&rest);
         }
     }
 }
@@ -321,5 +358,48 @@ mod tests {
             TapIoKind::Uring,
             "a frame's error is not the ring's"
         );
+    }
+
+    #[test]
+    fn reads_through_the_ring_take_queued_frames_in_order_then_answer_eagain() {
+        for kind in [TapIoKind::Uring, TapIoKind::Syscalls] {
+            let (a, b) = pair();
+            let (mut q, _) = TapQueue::new(a.as_raw_fd(), kind);
+            assert_eq!(q.batches_reads(), kind == TapIoKind::Uring);
+            let sent = frames(5, 70);
+            for f in &sent {
+                // SAFETY: f is valid for its length.
+                let n = unsafe { libc::write(b.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+                assert_eq!(n, 70);
+            }
+            let mut bufs = vec![vec![0xeeu8; 100]; 8];
+            let (iov, _) = iovs(&mut bufs);
+            let mut res = Vec::new();
+            q.readv_batch(&iov, &mut res);
+            assert_eq!(
+                res,
+                [
+                    70,
+                    70,
+                    70,
+                    70,
+                    70,
+                    -libc::EAGAIN,
+                    -libc::EAGAIN,
+                    -libc::EAGAIN
+                ],
+                "{kind:?}"
+            );
+            for (got, want) in bufs.iter().zip(&sent) {
+                assert_eq!(&got[..70], &want[..], "{kind:?}: frames in order");
+            }
+            assert!(
+                bufs[5].iter().all(|&x| x == 0xee),
+                "{kind:?}: nothing else written"
+            );
+            assert!(q.take_failure().is_none());
+            q.readv_batch(&iov[..2], &mut res);
+            assert_eq!(res, [-libc::EAGAIN; 2], "{kind:?}: an empty tap");
+        }
     }
 }

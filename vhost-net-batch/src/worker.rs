@@ -223,9 +223,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Whether a frame read from the tap waits, half placed, for more guest buffers.
-    pub fn has_pending_rx(&self) -> bool {
-        self.rx.has_pending()
+    /// Frames read from the tap that wait for guest buffers (one half placed, or read ahead).
+    pub fn held_rx(&self) -> u64 {
+        self.rx.held()
     }
 
     /// Control replies still waiting for an RX buffer (lost if the connection ends now).
@@ -233,11 +233,11 @@ impl Worker {
         self.outbox.len()
     }
 
-    /// The RX ring is being stopped: give back the chains a half-placed frame holds. Returns
-    /// true if a frame was dropped.
-    pub fn stop_rx(&mut self) -> bool {
+    /// The RX ring is being stopped: give back the chains a half-placed frame holds and drop
+    /// the frames read ahead. Returns how many frames were dropped.
+    pub fn stop_rx(&mut self) -> u64 {
         let Some(vrings) = self.vrings.clone() else {
-            return false;
+            return 0;
         };
         let mut ring = vrings[0].get_mut();
         self.rx.abandon_pending(ring.get_queue_mut())
@@ -365,7 +365,7 @@ impl Worker {
                 self.tx_signal(&s, &mut tx_ring, r.counts.used as u32);
                 self.control_frames(&s);
             }
-            if rx_ok && (self.tap_readable || self.rx.has_pending() || !self.outbox.is_empty()) {
+            if rx_ok && (self.tap_readable || self.rx.held() > 0 || !self.outbox.is_empty()) {
                 again |= self.rx_round(&s, &mut rx_ring);
             }
             if !again {
@@ -537,7 +537,7 @@ impl Worker {
             );
             self.rx.log_writes = log;
         }
-        let mut r = if self.tap_readable || self.rx.has_pending() {
+        let mut r = if self.tap_readable || self.rx.held() > 0 {
             self.rx
                 .run(q, s.mem, &mut self.tap, s.ctx.hdr, BATCH_BUDGET)
         } else {

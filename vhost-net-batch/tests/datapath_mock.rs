@@ -19,8 +19,24 @@ const MEM_SIZE: usize = 0x100_0000;
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const N: u16 = VRING_DESC_F_NEXT as u16;
 
+thread_local! {
+    /// Whether this thread's [`FakeTap`]s read many frames per call (see [`both_reads`]).
+    static READ_AHEAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs an RX test twice: the path reading straight into guest chains (one `readv` per frame),
+/// then reading ahead into its own buffers (as with a tap served by an `io_uring`).
+fn both_reads(test: impl Fn(bool)) {
+    for ahead in [false, true] {
+        READ_AHEAD.with(|c| c.set(ahead));
+        eprintln!("read-ahead: {ahead}");
+        test(ahead);
+    }
+}
+
 #[derive(Default)]
 struct FakeTap {
+    /// Frames the tap hands over, one per read; an empty one is a read failing with `EIO`.
     rx: VecDeque<Vec<u8>>,
     tx: Vec<Vec<u8>>,
     tx_error: Option<i32>,
@@ -40,6 +56,9 @@ impl TapIo for FakeTap {
             .rx
             .pop_front()
             .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))?;
+        if frame.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         assert!(
             iov_total(iov) >= frame.len(),
             "the data path must offer room for a whole frame"
@@ -74,6 +93,22 @@ impl TapIo for FakeTap {
         let n = out.len();
         self.tx.push(out);
         Ok(n)
+    }
+
+    fn batches_reads(&self) -> bool {
+        READ_AHEAD.with(|c| c.get())
+    }
+
+    fn readv_batch(&mut self, bufs: &[libc::iovec], res: &mut Vec<i32>) {
+        // Like a ring: every read is tried, empty ones too.
+        res.clear();
+        for b in bufs {
+            res.push(match self.readv(std::slice::from_ref(b)) {
+                Ok(n) => n as i32,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => -libc::EAGAIN,
+                Err(e) => -e.raw_os_error().unwrap(),
+            });
+        }
     }
 }
 
@@ -494,44 +529,46 @@ fn tx_full_step_of_many_segment_frames_all_move() {
 
 #[test]
 fn rx_chain_with_more_segments_than_one_read_takes_is_refused_and_counted() {
-    // 1024 writable segments plus the scratch buffer would be 1025 iovecs, which readv refuses:
-    // such a chain must be rejected as malformed (not retried forever), and the next one used.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    let table = BUF + 0x40_0000;
-    let n = MAX_SEGMENTS as u64;
-    for i in 0..n {
-        let flags = if i + 1 < n { W | N } else { W };
-        m.write_obj(
-            d(BUF + 16 * i, 16, flags, (i + 1) as u16),
-            GuestAddress(table + 16 * i),
-        )
-        .unwrap();
-    }
-    publish(
-        &m,
-        &vq,
-        &[
-            (
-                0,
-                d(table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16, 0),
-            ),
-            (1, d(BUF + 0x20_0000, 2048, W, 0)),
-        ],
-        &[0, 1],
-    );
-    let mut q: Queue = vq.create_queue().unwrap();
-    let f = frame(100, 9);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([f.clone()]),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(
-        (r.counts.bad_chains, r.counts.packets, r.counts.tap_errors),
-        (1, 1, 0)
-    );
-    assert_eq!(used(&m, &q), vec![(0, 0), (1, f.len() as u32)]);
+    both_reads(|_| {
+        // 1024 writable segments plus the scratch buffer would be 1025 iovecs, which readv refuses:
+        // such a chain must be rejected as malformed (not retried forever), and the next one used.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let table = BUF + 0x40_0000;
+        let n = MAX_SEGMENTS as u64;
+        for i in 0..n {
+            let flags = if i + 1 < n { W | N } else { W };
+            m.write_obj(
+                d(BUF + 16 * i, 16, flags, (i + 1) as u16),
+                GuestAddress(table + 16 * i),
+            )
+            .unwrap();
+        }
+        publish(
+            &m,
+            &vq,
+            &[
+                (
+                    0,
+                    d(table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16, 0),
+                ),
+                (1, d(BUF + 0x20_0000, 2048, W, 0)),
+            ],
+            &[0, 1],
+        );
+        let mut q: Queue = vq.create_queue().unwrap();
+        let f = frame(100, 9);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([f.clone()]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(
+            (r.counts.bad_chains, r.counts.packets, r.counts.tap_errors),
+            (1, 1, 0)
+        );
+        assert_eq!(used(&m, &q), vec![(0, 0), (1, f.len() as u32)]);
+    });
 }
 
 fn rx_setup(
@@ -557,299 +594,411 @@ fn read_guest(m: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn rx_small_frames_fill_one_buffer_each() {
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[2048, 2048, 2048], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let f1 = frame(60, 3);
+        let f2 = frame(1500, 4);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([f1.clone(), f2.clone()]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(r.counts.packets, 2);
+        assert!(r.tap_empty);
+        assert_eq!(
+            used(&m, &q),
+            vec![(0, f1.len() as u32), (1, f2.len() as u32)]
+        );
+        let mut want1 = f1.clone();
+        want1[10] = 1; // num_buffers = 1
+        assert_eq!(read_guest(&m, BUF, f1.len()), want1);
+        assert_eq!(read_guest(&m, BUF + 0x10000 + 12, 1500), f2[12..]);
+        assert_eq!(
+            q.next_avail(),
+            2,
+            "the chain offered for the EAGAIN read is given back"
+        );
+    });
+}
+
+#[test]
+fn rx_mergeable_frame_spans_buffers_with_num_buffers() {
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[1500, 1500, 1500, 1500], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let big = frame(4000, 5); // 4012 bytes with the header: 1500 + 1500 + 1012
+        let mut tap = FakeTap {
+            rx: VecDeque::from([big.clone()]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(r.counts.packets, 1);
+        assert_eq!(r.counts.bytes, 4000);
+        assert_eq!(used(&m, &q), vec![(0, 1500), (1, 1500), (2, 1012)]);
+        let mut got = read_guest(&m, BUF, 1500);
+        got.extend(read_guest(&m, BUF + 0x10000, 1500));
+        got.extend(read_guest(&m, BUF + 0x20000, 1012));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+        got[10] = 0;
+        assert_eq!(got, big);
+    });
+}
+
+#[test]
+fn rx_mergeable_waits_for_more_buffers_without_publishing_a_partial_frame() {
+    both_reads(|ahead| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[1500, 1500], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let big = frame(4000, 6);
+        let small = frame(40, 7);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([big.clone(), small.clone()]),
+            ..Default::default()
+        };
+        let mut rx = RxPath::new();
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert!(r.no_buffers && rx.has_pending());
+        assert_eq!(r.counts.packets, 0);
+        assert!(
+            used(&m, &q).is_empty(),
+            "nothing of a partial frame is visible to the guest"
+        );
+        if ahead {
+            // One batch read both (the guest had posted two chains); the small frame waits,
+            // read ahead, behind the pending one.
+            assert_eq!((tap.rx.len(), rx.held()), (0, 2));
+        } else {
+            assert_eq!(
+                tap.rx.len(),
+                1,
+                "no further frame is read while one is pending"
+            );
+        }
+        rx_setup(&m, &vq, &[1500, 1500], 2);
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(r.counts.packets, 2);
+        assert_eq!(
+            used(&m, &q),
+            vec![(0, 1500), (1, 1500), (2, 1012), (3, small.len() as u32)]
+        );
+        assert_eq!(rx.held(), 0);
+    });
+}
+
+#[test]
+fn rx_pending_frame_is_given_back_when_the_ring_stops() {
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[1500], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut tap = FakeTap {
+            rx: VecDeque::from([frame(4000, 1)]),
+            ..Default::default()
+        };
+        let mut rx = RxPath::new();
+        rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(q.next_avail(), 1);
+        assert_eq!(rx.abandon_pending(&mut q), 1);
+        assert_eq!(q.next_avail(), 0, "held chains return to the guest");
+    });
+}
+
+#[test]
+fn rx_read_ahead_takes_no_more_frames_than_the_guest_has_buffers_for() {
+    READ_AHEAD.with(|c| c.set(true));
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048, 2048], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let frames: Vec<_> = (0..5).map(|i| frame(60 + i, i as u8)).collect();
+    let mut tap = FakeTap {
+        rx: frames.iter().cloned().collect(),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(
+        (r.counts.packets, r.no_buffers, r.tap_empty),
+        (2, true, false)
+    );
+    assert_eq!(
+        (tap.rx.len(), rx.held()),
+        (3, 0),
+        "frames beyond the guest's buffers stay in the tap"
+    );
+    // The batch asked for no more than the budget either.
+    rx_setup(&m, &vq, &[2048, 2048, 2048], 2);
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 1);
+    assert_eq!((r.counts.packets, r.more), (1, true));
+    assert_eq!((tap.rx.len(), rx.held()), (2, 0));
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 2);
+    let lens: Vec<u32> = used(&m, &q).iter().map(|e| e.1).collect();
+    let want: Vec<u32> = frames.iter().map(|f| f.len() as u32).collect();
+    assert_eq!(lens, want, "every frame, in order");
+}
+
+#[test]
+fn rx_frames_read_ahead_are_dropped_and_counted_when_the_ring_stops() {
+    READ_AHEAD.with(|c| c.set(true));
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[1500, 1500], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    // Two chains posted: both frames are read; the first needs three chains.
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(4000, 1), frame(60, 2)]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert!(r.no_buffers);
+    assert_eq!((rx.held(), tap.rx.len()), (2, 0));
+    assert_eq!(rx.abandon_pending(&mut q), 2, "both frames counted");
+    assert_eq!(q.next_avail(), 0, "held chains return to the guest");
+    assert_eq!(rx.held(), 0);
+    assert!(used(&m, &q).is_empty());
+    // Nothing stale is delivered once the ring runs again.
+    tap.rx.push_back(frame(70, 3));
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1);
+    assert_eq!(used(&m, &q), vec![(0, 82)]);
+}
+
+#[test]
+fn rx_read_ahead_delivers_the_frames_after_a_failed_read() {
+    READ_AHEAD.with(|c| c.set(true));
     let m = mem();
     let vq = MockSplitQueue::new(&m, QSIZE);
     rx_setup(&m, &vq, &[2048, 2048, 2048], 0);
     let mut q: Queue = vq.create_queue().unwrap();
-    let f1 = frame(60, 3);
-    let f2 = frame(1500, 4);
+    let (f1, f2) = (frame(60, 1), frame(61, 2));
     let mut tap = FakeTap {
-        rx: VecDeque::from([f1.clone(), f2.clone()]),
+        rx: VecDeque::from([f1.clone(), Vec::new(), f2.clone()]),
         ..Default::default()
     };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(r.counts.packets, 2);
+    let mut rx = RxPath::new();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!((r.counts.packets, r.counts.tap_errors), (2, 1));
     assert!(r.tap_empty);
     assert_eq!(
         used(&m, &q),
         vec![(0, f1.len() as u32), (1, f2.len() as u32)]
     );
-    let mut want1 = f1.clone();
-    want1[10] = 1; // num_buffers = 1
-    assert_eq!(read_guest(&m, BUF, f1.len()), want1);
-    assert_eq!(read_guest(&m, BUF + 0x10000 + 12, 1500), f2[12..]);
-    assert_eq!(
-        q.next_avail(),
-        2,
-        "the chain offered for the EAGAIN read is given back"
-    );
-}
-
-#[test]
-fn rx_mergeable_frame_spans_buffers_with_num_buffers() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[1500, 1500, 1500, 1500], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let big = frame(4000, 5); // 4012 bytes with the header: 1500 + 1500 + 1012
-    let mut tap = FakeTap {
-        rx: VecDeque::from([big.clone()]),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(r.counts.packets, 1);
-    assert_eq!(r.counts.bytes, 4000);
-    assert_eq!(used(&m, &q), vec![(0, 1500), (1, 1500), (2, 1012)]);
-    let mut got = read_guest(&m, BUF, 1500);
-    got.extend(read_guest(&m, BUF + 0x10000, 1500));
-    got.extend(read_guest(&m, BUF + 0x20000, 1012));
-    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
-    got[10] = 0;
-    assert_eq!(got, big);
-}
-
-#[test]
-fn rx_mergeable_waits_for_more_buffers_without_publishing_a_partial_frame() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[1500, 1500], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let big = frame(4000, 6);
-    let small = frame(40, 7);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([big.clone(), small.clone()]),
-        ..Default::default()
-    };
-    let mut rx = RxPath::new();
-    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(r.no_buffers && rx.has_pending());
-    assert_eq!(r.counts.packets, 0);
-    assert!(
-        used(&m, &q).is_empty(),
-        "nothing of a partial frame is visible to the guest"
-    );
-    assert_eq!(
-        tap.rx.len(),
-        1,
-        "no further frame is read while one is pending"
-    );
-    rx_setup(&m, &vq, &[1500, 1500], 2);
-    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(r.counts.packets, 2);
-    assert_eq!(
-        used(&m, &q),
-        vec![(0, 1500), (1, 1500), (2, 1012), (3, small.len() as u32)]
-    );
-    assert!(!rx.has_pending());
-}
-
-#[test]
-fn rx_pending_frame_is_given_back_when_the_ring_stops() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[1500], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut tap = FakeTap {
-        rx: VecDeque::from([frame(4000, 1)]),
-        ..Default::default()
-    };
-    let mut rx = RxPath::new();
-    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(q.next_avail(), 1);
-    assert!(rx.abandon_pending(&mut q));
-    assert_eq!(q.next_avail(), 0, "held chains return to the guest");
+    assert_eq!(read_guest(&m, BUF + 0x10000 + 12, 61), f2[12..]);
+    assert_eq!(q.next_avail(), 2, "no chain is lost to the failed read");
 }
 
 #[test]
 fn rx_abandoned_frame_gives_back_no_chain_it_already_completed() {
-    // Found by the `datapath` fuzz target. A frame spanning several buffers meets a malformed
-    // chain while it collects them, and the ring stops (the frame is abandoned) before it
-    // completes. Abandoning gives back every chain taken since the frame's first one, so none
-    // of those may already be in the used ring: the guest would get that head twice once the
-    // ring runs again.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    vq.add_desc_chains(
-        &[
-            d(BUF, 1500, W, 0),
-            d(BUF + 0x10000, 1500, 0, 0), // device-readable: malformed for RX
-            d(BUF + 0x20000, 1500, W, 0),
-        ],
-        0,
-    )
-    .unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut tap = FakeTap {
-        rx: VecDeque::from([frame(4000, 1)]),
-        ..Default::default()
-    };
-    let mut rx = RxPath::new();
-    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    rx.abandon_pending(&mut q);
-    // Completed: exactly the chains taken and not given back, each once.
-    let taken: Vec<u32> = (0..q.next_avail())
-        .map(|i| {
-            let slot = vq.avail_addr().0 + 4 + 2 * u64::from(i % QSIZE);
-            u32::from(m.read_obj::<u16>(GuestAddress(slot)).unwrap())
-        })
-        .collect();
-    let mut completed: Vec<u32> = used(&m, &q).iter().map(|e| e.0).collect();
-    completed.sort_unstable();
-    assert_eq!(
-        completed, taken,
-        "the used ring must hold exactly the chains taken and not given back"
-    );
-    // The frame cannot be placed around the malformed chain: it is dropped and counted, its
-    // buffers completed empty.
-    assert_eq!((r.counts.dropped, r.counts.bad_chains), (1, 1));
-    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0)]);
-    // The next frame uses the next buffers.
-    rx_setup(&m, &vq, &[1500], 3);
-    tap.rx.push_back(frame(2500, 2));
-    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(r.counts.packets, 1);
-    assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 1500), (3, 1012)]);
+    both_reads(|_| {
+        // Found by the `datapath` fuzz target. A frame spanning several buffers meets a malformed
+        // chain while it collects them, and the ring stops (the frame is abandoned) before it
+        // completes. Abandoning gives back every chain taken since the frame's first one, so none
+        // of those may already be in the used ring: the guest would get that head twice once the
+        // ring runs again.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        vq.add_desc_chains(
+            &[
+                d(BUF, 1500, W, 0),
+                d(BUF + 0x10000, 1500, 0, 0), // device-readable: malformed for RX
+                d(BUF + 0x20000, 1500, W, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut tap = FakeTap {
+            rx: VecDeque::from([frame(4000, 1)]),
+            ..Default::default()
+        };
+        let mut rx = RxPath::new();
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        rx.abandon_pending(&mut q);
+        // Completed: exactly the chains taken and not given back, each once.
+        let taken: Vec<u32> = (0..q.next_avail())
+            .map(|i| {
+                let slot = vq.avail_addr().0 + 4 + 2 * u64::from(i % QSIZE);
+                u32::from(m.read_obj::<u16>(GuestAddress(slot)).unwrap())
+            })
+            .collect();
+        let mut completed: Vec<u32> = used(&m, &q).iter().map(|e| e.0).collect();
+        completed.sort_unstable();
+        assert_eq!(
+            completed, taken,
+            "the used ring must hold exactly the chains taken and not given back"
+        );
+        // The frame cannot be placed around the malformed chain: it is dropped and counted, its
+        // buffers completed empty.
+        assert_eq!((r.counts.dropped, r.counts.bad_chains), (1, 1));
+        assert_eq!(used(&m, &q), vec![(0, 0), (1, 0)]);
+        // The next frame uses the next buffers.
+        rx_setup(&m, &vq, &[1500], 3);
+        tap.rx.push_back(frame(2500, 2));
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(r.counts.packets, 1);
+        assert_eq!(used(&m, &q), vec![(0, 0), (1, 0), (2, 1500), (3, 1012)]);
+    });
 }
 
 #[test]
 fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[1526], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let big = frame(3000, 1);
-    let ok = frame(1000, 2);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([big, ok.clone()]),
-        ..Default::default()
-    };
-    let hdr = HdrLayout {
-        len: 12,
-        mergeable: false,
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, hdr, 256);
-    assert_eq!((r.counts.dropped, r.counts.packets), (1, 1));
-    assert_eq!(used(&m, &q), vec![(0, ok.len() as u32)]);
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[1526], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let big = frame(3000, 1);
+        let ok = frame(1000, 2);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([big, ok.clone()]),
+            ..Default::default()
+        };
+        let hdr = HdrLayout {
+            len: 12,
+            mergeable: false,
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, hdr, 256);
+        assert_eq!((r.counts.dropped, r.counts.packets), (1, 1));
+        assert_eq!(used(&m, &q), vec![(0, ok.len() as u32)]);
+    });
 }
 
 #[test]
 fn rx_control_frames_from_the_tap_count_against_the_budget() {
-    // Found by the `datapath` fuzz target. Control frames arriving from the tap are dropped
-    // (nobody outside may forge a control reply); a host flooding them must not keep one RX
-    // run reading for as long as the tap has frames.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[2048; 4], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut ctl = frame(60, 1);
-    ctl[24..26].copy_from_slice(&[0x88, 0xb5]);
-    let mut tap = FakeTap {
-        rx: std::iter::repeat_n(ctl, 100).collect(),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
-    assert_eq!(r.counts.control, 8, "{r:?}");
-    assert_eq!(tap.rx.len(), 92, "read no more than the budget");
-    assert!(r.more);
-    assert!(used(&m, &q).is_empty());
+    both_reads(|_| {
+        // Found by the `datapath` fuzz target. Control frames arriving from the tap are dropped
+        // (nobody outside may forge a control reply); a host flooding them must not keep one RX
+        // run reading for as long as the tap has frames.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[2048; 4], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut ctl = frame(60, 1);
+        ctl[24..26].copy_from_slice(&[0x88, 0xb5]);
+        let mut tap = FakeTap {
+            rx: std::iter::repeat_n(ctl, 100).collect(),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+        assert_eq!(r.counts.control, 8, "{r:?}");
+        assert_eq!(tap.rx.len(), 92, "read no more than the budget");
+        assert!(r.more);
+        assert!(used(&m, &q).is_empty());
+    });
 }
 
 #[test]
 fn rx_tso_frame_keeps_its_vnet_header() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    // Linux with GUEST_TSO and mergeable buffers posts page-sized buffers.
-    let bufs: Vec<u32> = (0..20).map(|_| 4096).collect();
-    rx_setup(&m, &vq, &bufs, 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut gso = frame(60000, 8);
-    // virtio_net_hdr: flags NEEDS_CSUM, gso_type TCPV4, hdr_len 66, gso_size 1448, csum 34/16.
-    gso[..10].copy_from_slice(&[1, 1, 66, 0, 0xa8, 0x05, 34, 0, 16, 0]);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([gso.clone()]),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!(r.counts.packets, 1);
-    let u = used(&m, &q);
-    assert_eq!(u.len(), 15); // 60012 bytes over 4096-byte buffers
-    assert_eq!(u.iter().map(|e| e.1 as usize).sum::<usize>(), gso.len());
-    let hdr = read_guest(&m, BUF, 12);
-    assert_eq!(&hdr[..10], &gso[..10]);
-    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 15);
-    assert!(gso.len() < MAX_FRAME);
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        // Linux with GUEST_TSO and mergeable buffers posts page-sized buffers.
+        let bufs: Vec<u32> = (0..20).map(|_| 4096).collect();
+        rx_setup(&m, &vq, &bufs, 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut gso = frame(60000, 8);
+        // virtio_net_hdr: flags NEEDS_CSUM, gso_type TCPV4, hdr_len 66, gso_size 1448, csum 34/16.
+        gso[..10].copy_from_slice(&[1, 1, 66, 0, 0xa8, 0x05, 34, 0, 16, 0]);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([gso.clone()]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(r.counts.packets, 1);
+        let u = used(&m, &q);
+        assert_eq!(u.len(), 15); // 60012 bytes over 4096-byte buffers
+        assert_eq!(u.iter().map(|e| e.1 as usize).sum::<usize>(), gso.len());
+        let hdr = read_guest(&m, BUF, 12);
+        assert_eq!(&hdr[..10], &gso[..10]);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 15);
+        assert!(gso.len() < MAX_FRAME);
+    });
 }
 
 #[test]
 fn rx_rejects_bad_chains() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    vq.add_desc_chains(
-        &[
-            d(BUF, 2048, 0, 0),                      // read-only buffer in RX
-            d(BUF, 4, W, 0),                         // too short for the header
-            d(MEM_SIZE as u64 + 0x1000, 2048, W, 0), // outside memory
-            d(BUF, 2048, W, 0),                      // good
-        ],
-        0,
-    )
-    .unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
-    let f = frame(100, 1);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([f.clone()]),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!((r.counts.bad_chains, r.counts.packets), (3, 1));
-    assert_eq!(
-        used(&m, &q),
-        vec![(0, 0), (1, 0), (2, 0), (3, f.len() as u32)]
-    );
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        vq.add_desc_chains(
+            &[
+                d(BUF, 2048, 0, 0),                      // read-only buffer in RX
+                d(BUF, 4, W, 0),                         // too short for the header
+                d(MEM_SIZE as u64 + 0x1000, 2048, W, 0), // outside memory
+                d(BUF, 2048, W, 0),                      // good
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let f = frame(100, 1);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([f.clone()]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!((r.counts.bad_chains, r.counts.packets), (3, 1));
+        assert_eq!(
+            used(&m, &q),
+            vec![(0, 0), (1, 0), (2, 0), (3, f.len() as u32)]
+        );
+    });
 }
 
 #[test]
 fn event_idx_signalling_follows_used_event() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[2048, 2048, 2048, 2048], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    q.set_event_idx(true);
-    let used_event_addr = GuestAddress(q.avail_ring() + 4 + 2 * QSIZE as u64);
-    // The guest wants an interrupt once the used index passes 1 (i.e. after 2 entries).
-    m.write_obj(1u16, used_event_addr).unwrap();
-    let mut tap = FakeTap {
-        rx: VecDeque::from([frame(10, 1)]),
-        ..Default::default()
-    };
-    let mut rx = RxPath::new();
-    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(
-        !should_notify(&mut q, &m, false),
-        "1 used entry: used_event 1 not reached"
-    );
-    tap.rx.push_back(frame(10, 2));
-    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(
-        should_notify(&mut q, &m, false),
-        "2nd entry crosses used_event"
-    );
-    tap.rx.push_back(frame(10, 3));
-    rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(
-        !should_notify(&mut q, &m, false),
-        "already signalled past used_event"
-    );
-    // Out of buffers: EVENT_IDX re-arms RX kicks through avail_event = next_avail.
-    tap.rx.push_back(frame(10, 4));
-    tap.rx.push_back(frame(10, 5));
-    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(r.no_buffers);
-    assert_eq!(q.next_avail(), 4);
-    let avail_event: u16 = m
-        .read_obj(GuestAddress(q.used_ring() + 4 + 8 * QSIZE as u64))
-        .unwrap();
-    assert_eq!(avail_event, q.next_avail());
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[2048, 2048, 2048, 2048], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        q.set_event_idx(true);
+        let used_event_addr = GuestAddress(q.avail_ring() + 4 + 2 * QSIZE as u64);
+        // The guest wants an interrupt once the used index passes 1 (i.e. after 2 entries).
+        m.write_obj(1u16, used_event_addr).unwrap();
+        let mut tap = FakeTap {
+            rx: VecDeque::from([frame(10, 1)]),
+            ..Default::default()
+        };
+        let mut rx = RxPath::new();
+        rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert!(
+            !should_notify(&mut q, &m, false),
+            "1 used entry: used_event 1 not reached"
+        );
+        tap.rx.push_back(frame(10, 2));
+        rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert!(
+            should_notify(&mut q, &m, false),
+            "2nd entry crosses used_event"
+        );
+        tap.rx.push_back(frame(10, 3));
+        rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert!(
+            !should_notify(&mut q, &m, false),
+            "already signalled past used_event"
+        );
+        // Out of buffers: EVENT_IDX re-arms RX kicks through avail_event = next_avail.
+        tap.rx.push_back(frame(10, 4));
+        tap.rx.push_back(frame(10, 5));
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert!(r.no_buffers);
+        assert_eq!(q.next_avail(), 4);
+        let avail_event: u16 = m
+            .read_obj(GuestAddress(q.used_ring() + 4 + 8 * QSIZE as u64))
+            .unwrap();
+        assert_eq!(avail_event, q.next_avail());
+    });
 }
 
 #[test]
@@ -880,31 +1029,33 @@ fn flags_signalling_without_event_idx() {
 
 #[test]
 fn corrupt_avail_index_does_not_spin_the_worker() {
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 0).unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
-    // The guest claims 1000 new entries on a 256-entry ring.
-    m.write_obj(1000u16, vq.avail_addr().unchecked_add(2))
-        .unwrap();
-    let mut tap = FakeTap::default();
-    let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
-    assert_eq!(r.counts.packets, 0);
-    assert!(!r.more);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([frame(10, 1)]),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert!(r.no_buffers);
-    assert_eq!(
-        tap.rx.len(),
-        1,
-        "nothing read without a buffer to put it in"
-    );
-    // Counted (not logged by virtio-queue on every look at the ring).
-    assert!(r.counts.bad_avail >= 1, "{r:?}");
-    assert_eq!(r.counts.last_error, Some(PathError::AvailIndex));
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        vq.add_desc_chains(&[d(BUF, 80, 0, 0)], 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        // The guest claims 1000 new entries on a 256-entry ring.
+        m.write_obj(1000u16, vq.avail_addr().unchecked_add(2))
+            .unwrap();
+        let mut tap = FakeTap::default();
+        let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+        assert_eq!(r.counts.packets, 0);
+        assert!(!r.more);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([frame(10, 1)]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert!(r.no_buffers);
+        assert_eq!(
+            tap.rx.len(),
+            1,
+            "nothing read without a buffer to put it in"
+        );
+        // Counted (not logged by virtio-queue on every look at the ring).
+        assert!(r.counts.bad_avail >= 1, "{r:?}");
+        assert_eq!(r.counts.last_error, Some(PathError::AvailIndex));
+    });
 }
 
 /// Writes an indirect table of `n` chained descriptors of `len` bytes each at `table`, the k-th
@@ -922,79 +1073,83 @@ fn indirect_table(m: &GuestMemoryMmap<()>, table: u64, n: u32, len: u32, buf: u6
 
 #[test]
 fn rx_malformed_chains_count_against_the_budget() {
-    // A guest that refills its ring with bad chains must not keep one run going.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    let mut descs: Vec<_> = (0..100).map(|_| d(BUF, 2048, 0, 0)).collect(); // read-only
-    descs.push(d(BUF, 2048, W, 0));
-    vq.add_desc_chains(&descs, 0).unwrap();
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut tap = FakeTap {
-        rx: VecDeque::from([frame(100, 1)]),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
-    assert_eq!(r.counts.bad_chains, 8, "{r:?}");
-    assert!(r.more);
-    assert_eq!(q.next_avail(), 8);
-    assert_eq!(
-        r.counts.last_error,
-        Some(PathError::Chain {
-            head: 7,
-            error: ChainError::WrongDirection
-        })
-    );
+    both_reads(|_| {
+        // A guest that refills its ring with bad chains must not keep one run going.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let mut descs: Vec<_> = (0..100).map(|_| d(BUF, 2048, 0, 0)).collect(); // read-only
+        descs.push(d(BUF, 2048, W, 0));
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut tap = FakeTap {
+            rx: VecDeque::from([frame(100, 1)]),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+        assert_eq!(r.counts.bad_chains, 8, "{r:?}");
+        assert!(r.more);
+        assert_eq!(q.next_avail(), 8);
+        assert_eq!(
+            r.counts.last_error,
+            Some(PathError::Chain {
+                head: 7,
+                error: ChainError::WrongDirection
+            })
+        );
+    });
 }
 
 #[test]
 fn a_65535_entry_indirect_table_is_refused_after_max_chain_descs_both_ways() {
-    // The most descriptor reads one avail entry can ask for: an indirect table of 65,535
-    // zero-length descriptors. Each chain is refused after MAX_CHAIN_DESCS of them, and one run
-    // stops after RUN_DESC_BUDGET descriptors with work left, however many such chains wait.
-    let m = mem();
-    let table = BUF + 0x20_0000;
-    for (rx, flags) in [(true, W), (false, 0)] {
-        indirect_table(&m, table, 65_535, 0, BUF, flags);
-        let vq = MockSplitQueue::new(&m, QSIZE);
-        let heads = vec![0u16; 100];
-        publish(
-            &m,
-            &vq,
-            &[(0, d(table, 16 * 65_535, VRING_DESC_F_INDIRECT as u16, 0))],
-            &heads,
-        );
-        let mut q: Queue = vq.create_queue().unwrap();
-        let counts = if rx {
-            let mut tap = FakeTap {
-                rx: VecDeque::from([frame(100, 1)]),
-                ..Default::default()
+    both_reads(|_| {
+        // The most descriptor reads one avail entry can ask for: an indirect table of 65,535
+        // zero-length descriptors. Each chain is refused after MAX_CHAIN_DESCS of them, and one run
+        // stops after RUN_DESC_BUDGET descriptors with work left, however many such chains wait.
+        let m = mem();
+        let table = BUF + 0x20_0000;
+        for (rx, flags) in [(true, W), (false, 0)] {
+            indirect_table(&m, table, 65_535, 0, BUF, flags);
+            let vq = MockSplitQueue::new(&m, QSIZE);
+            let heads = vec![0u16; 100];
+            publish(
+                &m,
+                &vq,
+                &[(0, d(table, 16 * 65_535, VRING_DESC_F_INDIRECT as u16, 0))],
+                &heads,
+            );
+            let mut q: Queue = vq.create_queue().unwrap();
+            let counts = if rx {
+                let mut tap = FakeTap {
+                    rx: VecDeque::from([frame(100, 1)]),
+                    ..Default::default()
+                };
+                let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+                assert!(r.more, "{r:?}");
+                r.counts
+            } else {
+                let mut tap = FakeTap::default();
+                let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+                assert!(r.more, "{r:?}");
+                assert!(tap.tx.is_empty());
+                r.counts
             };
-            let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-            assert!(r.more, "{r:?}");
-            r.counts
-        } else {
-            let mut tap = FakeTap::default();
-            let r = TxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
-            assert!(r.more, "{r:?}");
-            assert!(tap.tx.is_empty());
-            r.counts
-        };
-        let per_run = (RUN_DESC_BUDGET / MAX_CHAIN_DESCS) as u64;
-        assert!(
-            counts.bad_chains >= per_run && counts.bad_chains <= per_run + 1,
-            "rx {rx}: {} chains walked in one run",
-            counts.bad_chains
-        );
-        assert_eq!(
-            counts.last_error,
-            Some(PathError::Chain {
-                head: 0,
-                error: ChainError::TooManyDescriptors
-            }),
-            "rx {rx}"
-        );
-        assert_eq!(counts.used, counts.bad_chains);
-    }
+            let per_run = (RUN_DESC_BUDGET / MAX_CHAIN_DESCS) as u64;
+            assert!(
+                counts.bad_chains >= per_run && counts.bad_chains <= per_run + 1,
+                "rx {rx}: {} chains walked in one run",
+                counts.bad_chains
+            );
+            assert_eq!(
+                counts.last_error,
+                Some(PathError::Chain {
+                    head: 0,
+                    error: ChainError::TooManyDescriptors
+                }),
+                "rx {rx}"
+            );
+            assert_eq!(counts.used, counts.bad_chains);
+        }
+    });
 }
 
 #[test]
@@ -1023,109 +1178,113 @@ fn a_chain_of_max_chain_descs_is_still_accepted() {
 
 #[test]
 fn rx_a_frame_over_long_chains_is_placed_over_several_runs() {
-    // A mergeable frame whose buffers are chains of 1000 one-byte descriptors: placing it walks
-    // more than one run's descriptor budget, so it is completed over several runs (each one
-    // returning with work left) instead of in one unbounded loop, and arrives whole.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    // (A first RX chain keeps one iovec for the scratch buffer: 1000 segments fit any chain.)
-    let per = 1000u32;
-    let chains = 40u32;
-    let data = BUF + 0x80_0000;
-    let mut descs = Vec::new();
-    for c in 0..chains {
-        let table = BUF + 0x20_0000 + u64::from(c) * 16 * u64::from(per);
-        indirect_table(&m, table, per, 1, data + u64::from(c * per), W);
-        descs.push((
-            c as u16,
-            d(table, 16 * per, VRING_DESC_F_INDIRECT as u16, 0),
-        ));
-    }
-    let heads: Vec<u16> = (0..chains as u16).collect();
-    publish(&m, &vq, &descs, &heads);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let f = frame(30_000, 5);
-    let mut tap = FakeTap {
-        rx: VecDeque::from([f.clone()]),
-        ..Default::default()
-    };
-    let mut rx = RxPath::new();
-    let mut runs = 0;
-    loop {
-        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-        runs += 1;
-        if r.counts.packets == 1 {
-            break;
+    both_reads(|_| {
+        // A mergeable frame whose buffers are chains of 1000 one-byte descriptors: placing it walks
+        // more than one run's descriptor budget, so it is completed over several runs (each one
+        // returning with work left) instead of in one unbounded loop, and arrives whole.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        // (A first RX chain keeps one iovec for the scratch buffer: 1000 segments fit any chain.)
+        let per = 1000u32;
+        let chains = 40u32;
+        let data = BUF + 0x80_0000;
+        let mut descs = Vec::new();
+        for c in 0..chains {
+            let table = BUF + 0x20_0000 + u64::from(c) * 16 * u64::from(per);
+            indirect_table(&m, table, per, 1, data + u64::from(c * per), W);
+            descs.push((
+                c as u16,
+                d(table, 16 * per, VRING_DESC_F_INDIRECT as u16, 0),
+            ));
         }
-        assert!(r.more && rx.has_pending(), "run {runs}: {r:?}");
-        assert!(runs < 10);
-    }
-    assert!(runs >= 2, "placed in one run");
-    let u = used(&m, &q);
-    let need = f.len().div_ceil(per as usize);
-    assert_eq!(u.len(), need);
-    let mut got = read_guest(&m, data, f.len());
-    assert_eq!(u16::from_le_bytes([got[10], got[11]]) as usize, need);
-    got[10..12].copy_from_slice(&f[10..12]);
-    assert_eq!(got, f);
+        let heads: Vec<u16> = (0..chains as u16).collect();
+        publish(&m, &vq, &descs, &heads);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let f = frame(30_000, 5);
+        let mut tap = FakeTap {
+            rx: VecDeque::from([f.clone()]),
+            ..Default::default()
+        };
+        let mut rx = RxPath::new();
+        let mut runs = 0;
+        loop {
+            let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+            runs += 1;
+            if r.counts.packets == 1 {
+                break;
+            }
+            assert!(r.more && rx.has_pending(), "run {runs}: {r:?}");
+            assert!(runs < 10);
+        }
+        assert!(runs >= 2, "placed in one run");
+        let u = used(&m, &q);
+        let need = f.len().div_ceil(per as usize);
+        assert_eq!(u.len(), need);
+        let mut got = read_guest(&m, data, f.len());
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]) as usize, need);
+        got[10..12].copy_from_slice(&f[10..12]);
+        assert_eq!(got, f);
+    });
 }
 
 #[test]
 fn vlan_tagged_control_frames_are_filtered_both_ways() {
-    // Behind one or two VLAN tags the control EtherType still marks a control frame: from the
-    // guest it is consumed (the inbox gets it untagged), from the tap it is dropped, so that a
-    // forged reply cannot reach the guest's packet socket by wearing a tag.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    let eth = |tags: &[[u8; 4]], et: [u8; 2], payload: &[u8]| {
-        let mut f = vec![0u8; 12];
-        f.extend_from_slice(&[0x52, 0x54, 0, 0x77, 1, 2, 0x52, 0x54, 0, 0x77, 1, 3]);
-        for t in tags {
-            f.extend_from_slice(t);
+    both_reads(|_| {
+        // Behind one or two VLAN tags the control EtherType still marks a control frame: from the
+        // guest it is consumed (the inbox gets it untagged), from the tap it is dropped, so that a
+        // forged reply cannot reach the guest's packet socket by wearing a tag.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let eth = |tags: &[[u8; 4]], et: [u8; 2], payload: &[u8]| {
+            let mut f = vec![0u8; 12];
+            f.extend_from_slice(&[0x52, 0x54, 0, 0x77, 1, 2, 0x52, 0x54, 0, 0x77, 1, 3]);
+            for t in tags {
+                f.extend_from_slice(t);
+            }
+            f.extend_from_slice(&et);
+            f.extend_from_slice(payload);
+            f
+        };
+        let q1 = [0x81, 0x00, 0x00, 0x05];
+        let ad = [0x88, 0xa8, 0x00, 0x07];
+        let ctl_tagged = eth(&[q1], [0x88, 0xb5], b"VNB1 tagged");
+        let ctl_qinq = eth(&[ad, q1], [0x88, 0xb5], b"VNB1 double tagged");
+        let three = eth(&[ad, q1, q1], [0x88, 0xb5], b"three tags: not ours");
+        let tagged_ip = eth(&[q1], [0x08, 0x00], &[1; 46]);
+        let frames = [&ctl_tagged, &ctl_qinq, &three, &tagged_ip];
+        let mut descs = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let addr = BUF + 0x1000 * i as u64;
+            m.write_slice(f, GuestAddress(addr)).unwrap();
+            descs.push((i as u16, d(addr, f.len() as u32, 0, 0)));
         }
-        f.extend_from_slice(&et);
-        f.extend_from_slice(payload);
-        f
-    };
-    let q1 = [0x81, 0x00, 0x00, 0x05];
-    let ad = [0x88, 0xa8, 0x00, 0x07];
-    let ctl_tagged = eth(&[q1], [0x88, 0xb5], b"VNB1 tagged");
-    let ctl_qinq = eth(&[ad, q1], [0x88, 0xb5], b"VNB1 double tagged");
-    let three = eth(&[ad, q1, q1], [0x88, 0xb5], b"three tags: not ours");
-    let tagged_ip = eth(&[q1], [0x08, 0x00], &[1; 46]);
-    let frames = [&ctl_tagged, &ctl_qinq, &three, &tagged_ip];
-    let mut descs = Vec::new();
-    for (i, f) in frames.iter().enumerate() {
-        let addr = BUF + 0x1000 * i as u64;
-        m.write_slice(f, GuestAddress(addr)).unwrap();
-        descs.push((i as u16, d(addr, f.len() as u32, 0, 0)));
-    }
-    publish(&m, &vq, &descs, &[0, 1, 2, 3]);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut tap = FakeTap::default();
-    let mut tx = TxPath::new();
-    let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
-    assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
-    assert_eq!(tap.tx, vec![three.clone(), tagged_ip.clone()]);
-    let untag = |f: &[u8], off: usize| [&f[12..24], &f[off..]].concat();
-    let got: Vec<Vec<u8>> = tx.control.iter().map(|f| f.bytes().to_vec()).collect();
-    assert_eq!(got, vec![untag(&ctl_tagged, 28), untag(&ctl_qinq, 32)]);
+        publish(&m, &vq, &descs, &[0, 1, 2, 3]);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut tap = FakeTap::default();
+        let mut tx = TxPath::new();
+        let r = tx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256, None);
+        assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
+        assert_eq!(tap.tx, vec![three.clone(), tagged_ip.clone()]);
+        let untag = |f: &[u8], off: usize| [&f[12..24], &f[off..]].concat();
+        let got: Vec<Vec<u8>> = tx.control.iter().map(|f| f.bytes().to_vec()).collect();
+        assert_eq!(got, vec![untag(&ctl_tagged, 28), untag(&ctl_qinq, 32)]);
 
-    // From the tap: both tagged control frames are dropped, the others delivered.
-    let m = mem();
-    let vq = MockSplitQueue::new(&m, QSIZE);
-    rx_setup(&m, &vq, &[2048; 8], 0);
-    let mut q: Queue = vq.create_queue().unwrap();
-    let mut tap = FakeTap {
-        rx: frames.iter().map(|f| f.to_vec()).collect(),
-        ..Default::default()
-    };
-    let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-    assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
-    assert_eq!(
-        used(&m, &q),
-        vec![(0, three.len() as u32), (1, tagged_ip.len() as u32)]
-    );
+        // From the tap: both tagged control frames are dropped, the others delivered.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        rx_setup(&m, &vq, &[2048; 8], 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut tap = FakeTap {
+            rx: frames.iter().map(|f| f.to_vec()).collect(),
+            ..Default::default()
+        };
+        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
+        assert_eq!(
+            used(&m, &q),
+            vec![(0, three.len() as u32), (1, tagged_ip.len() as u32)]
+        );
+    });
 }
 
 #[test]
@@ -1164,46 +1323,48 @@ fn deliver_looks_at_one_chain_and_completes_a_bad_one() {
 /// Without logging, the second page of a frame, written only by `readv`, stays clean.
 #[test]
 fn rx_writes_behind_vm_memory_are_marked_dirty_while_logging() {
-    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    const PAGE: u64 = 0x1000;
-    for log in [true, false] {
-        let m: GuestMemoryMmap<AtomicBitmap> =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let vq = MockSplitQueue::new(&m, QSIZE);
-        // One two-page buffer, and one the frame does not need.
-        vq.add_desc_chains(
-            &[
-                d(BUF, 2 * PAGE as u32, W, 0),
-                d(BUF + 4 * PAGE, 0x800, W, 0),
-            ],
-            0,
-        )
-        .unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let bitmap = m.find_region(GuestAddress(0)).unwrap().bitmap();
-        // The mock wrote only its rings: the buffers start clean.
-        assert!(!bitmap.dirty_at(BUF as usize) && !bitmap.dirty_at((BUF + PAGE) as usize));
-        let f = frame(6000, 9);
-        let mut tap = FakeTap {
-            rx: VecDeque::from([f.clone()]),
-            ..Default::default()
-        };
-        let mut rx = RxPath::new();
-        rx.log_writes = log;
-        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
-        assert_eq!(r.counts.packets, 1);
-        let dirty = |a: u64| bitmap.dirty_at(a as usize);
-        assert_eq!(
-            dirty(BUF + PAGE),
-            log,
-            "log_writes={log}: the frame's second page, written by readv only"
-        );
-        assert!(
-            dirty(BUF),
-            "the header page (num_buffers goes through vm-memory)"
-        );
-        assert!(!dirty(BUF + 4 * PAGE), "a buffer the frame did not use");
-        assert!(!dirty(BUF + 2 * PAGE), "past the frame's end");
-    }
+    both_reads(|_| {
+        use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        const PAGE: u64 = 0x1000;
+        for log in [true, false] {
+            let m: GuestMemoryMmap<AtomicBitmap> =
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+            let vq = MockSplitQueue::new(&m, QSIZE);
+            // One two-page buffer, and one the frame does not need.
+            vq.add_desc_chains(
+                &[
+                    d(BUF, 2 * PAGE as u32, W, 0),
+                    d(BUF + 4 * PAGE, 0x800, W, 0),
+                ],
+                0,
+            )
+            .unwrap();
+            let mut q: Queue = vq.create_queue().unwrap();
+            let bitmap = m.find_region(GuestAddress(0)).unwrap().bitmap();
+            // The mock wrote only its rings: the buffers start clean.
+            assert!(!bitmap.dirty_at(BUF as usize) && !bitmap.dirty_at((BUF + PAGE) as usize));
+            let f = frame(6000, 9);
+            let mut tap = FakeTap {
+                rx: VecDeque::from([f.clone()]),
+                ..Default::default()
+            };
+            let mut rx = RxPath::new();
+            rx.log_writes = log;
+            let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+            assert_eq!(r.counts.packets, 1);
+            let dirty = |a: u64| bitmap.dirty_at(a as usize);
+            assert_eq!(
+                dirty(BUF + PAGE),
+                log,
+                "log_writes={log}: the frame's second page, written by readv only"
+            );
+            assert!(
+                dirty(BUF),
+                "the header page (num_buffers goes through vm-memory)"
+            );
+            assert!(!dirty(BUF + 4 * PAGE), "a buffer the frame did not use");
+            assert!(!dirty(BUF + 2 * PAGE), "past the frame's end");
+        }
+    });
 }

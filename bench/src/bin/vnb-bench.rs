@@ -104,6 +104,11 @@ struct DatapathArgs {
     /// Ethernet frame length in bytes, 60 to 1514 (default 64).
     #[arg(long, default_value_t = 64)]
     frame_len: u16,
+    /// RX flood: full (more than any backend takes, so the backend never waits: the cost of a
+    /// frame) or partial (one send per frame at normal priority, as campaigns before
+    /// 2026-12-06's read-ahead one did: the backend idles about half the time).
+    #[arg(long, default_value = "full")]
+    rx_load: datapath::RxLoad,
     /// Repetitions (default 5).
     #[arg(long, default_value_t = 5)]
     reps: u32,
@@ -302,6 +307,7 @@ fn datapath_cmd(a: DatapathArgs) -> Result<()> {
         configs,
         directions: a.directions,
         frame_len: a.frame_len,
+        rx_load: a.rx_load,
         reps: a.reps,
         duration: a.duration,
         warmup: a.warmup,
