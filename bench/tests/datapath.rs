@@ -48,6 +48,7 @@ fn datapath_campaign_measures_every_configuration() {
         serde_json::json!(["off", "adaptive:1000", "ext:self"])
     );
     assert_eq!(json["directions"], serde_json::json!(["tx", "rx"]));
+    assert_eq!(json["rx_load"], "full", "the default RX load");
     let runs = json["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 6, "3 configurations × 2 directions");
     for r in runs {
@@ -56,8 +57,14 @@ fn datapath_campaign_measures_every_configuration() {
         let n = |k: &str| r[k].as_u64().unwrap();
         let (offered, total, window, delivered) =
             (n("offered"), n("moved_total"), n("moved"), n("delivered"));
-        // Even a debug backend moves well over 10 k frames per second either way.
-        assert!(window > 20_000, "{what}: {window} frames in the window");
+        // Even a debug backend moves well over 10 k frames per second on TX. On RX at full
+        // load it shares a CPU with a flood at a higher priority and gets about a tenth of it.
+        let least = if r["direction"] == "rx" {
+            2_000
+        } else {
+            20_000
+        };
+        assert!(window > least, "{what}: {window} frames in the window");
         // The tap's counters include the few frames the kernel sends on link-up.
         assert!(
             window <= total && total <= offered + 100,
@@ -87,6 +94,7 @@ fn datapath_campaign_measures_every_configuration() {
         "| adaptive:1000 | 1 |",
         "| ext:self | 1 |",
         "1.000 (1.000–1.000)",
+        "RX load: `full`",
         "Rerun:",
     ] {
         assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
@@ -103,6 +111,7 @@ fn datapath_refuses_bad_arguments_before_starting() {
         (&["--reps", "0"][..], "at least 1"),
         (&["--directions", "up"][..], "unknown direction"),
         (&["--frame-len", "9000"][..], "60 to 1514"),
+        (&["--rx-load", "medium"][..], "unknown RX load"),
     ] {
         let out = Command::new(vnb_bench())
             .arg("datapath")

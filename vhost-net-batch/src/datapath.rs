@@ -1015,6 +1015,7 @@ impl RxPath {
         let _ = q.disable_notification(mem);
         let mut rechecked = false;
         let mut walked = 0usize;
+        self.ahead.new_run();
         loop {
             if let Some(p) = self.pending.take() {
                 match self.place_rest(q, mem, p, hdr, &mut out.counts, &mut walked) {

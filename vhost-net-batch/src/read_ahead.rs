@@ -95,6 +95,13 @@ impl ReadAhead {
         }
     }
 
+    /// A new run starts: a batch's empty last read from an earlier run says nothing now. (Within
+    /// a run it does: a frame queued after that read raises an edge the worker has not yet
+    /// taken. Between runs the worker may have taken it already.)
+    pub fn new_run(&mut self) {
+        self.drained = false;
+    }
+
     /// Frames read and not yet taken.
     pub fn held(&self) -> usize {
         self.res[self.next..].iter().filter(|&&r| r >= 0).count()
@@ -281,6 +288,21 @@ mod tests {
         t.results.extend([Ok(70), Ok(71), Ok(72), Ok(73), Ok(74)]);
         assert_eq!(take_all(&mut a, &mut t, 64), ["70", "71", "72", "73", "74"]);
         assert_eq!(t.batches, [4, 4, 8]);
+    }
+
+    #[test]
+    fn an_empty_read_of_an_earlier_run_is_not_trusted() {
+        let mut t = script(&[Ok(60), Ok(61)], true);
+        let mut a = ReadAhead::new();
+        assert!(matches!(
+            a.next(&mut t, || 64),
+            Ahead::Frame { len: 60, .. }
+        ));
+        // The run ends here (no more guest buffers); a frame arrives; the next run takes the
+        // held one, then must read the tap again.
+        t.results.push_back(Ok(62));
+        a.new_run();
+        assert_eq!(take_all(&mut a, &mut t, 64), ["61", "62"]);
     }
 
     #[test]

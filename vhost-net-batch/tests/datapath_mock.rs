@@ -747,6 +747,44 @@ fn rx_read_ahead_takes_no_more_frames_than_the_guest_has_buffers_for() {
 }
 
 #[test]
+fn rx_read_ahead_reads_the_tap_again_in_a_new_run() {
+    // Found by the `datapath` fuzz target. A batch's empty last read ends the run that read
+    // it without another call; a later run (the worker saw the tap's edge for a new frame in
+    // between) must not take it as the tap's answer.
+    READ_AHEAD.with(|c| c.set(true));
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    // A good chain, then a malformed one (device-readable).
+    vq.add_desc_chains(&[d(BUF, 2048, W, 0), d(BUF + 0x10000, 2048, 0, 0)], 0)
+        .unwrap();
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap {
+        rx: VecDeque::from([frame(60, 1)]),
+        ..Default::default()
+    };
+    let mut rx = RxPath::new();
+    // Room for two frames: the batch reads the frame and finds the tap empty; the frame
+    // goes to the first chain, the second is malformed, and the run ends without buffers,
+    // the batch's empty read not yet handed out.
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(
+        (
+            r.counts.packets,
+            r.counts.bad_chains,
+            r.no_buffers,
+            r.tap_empty
+        ),
+        (1, 1, true, false)
+    );
+    rx_setup(&m, &vq, &[2048], 2);
+    tap.rx.push_back(frame(61, 2));
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 1, "the new frame is read: {r:?}");
+    assert!(tap.rx.is_empty());
+    assert_eq!(used(&m, &q), vec![(0, 72), (1, 0), (2, 73)]);
+}
+
+#[test]
 fn rx_frames_read_ahead_are_dropped_and_counted_when_the_ring_stops() {
     READ_AHEAD.with(|c| c.set(true));
     let m = mem();
