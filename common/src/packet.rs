@@ -161,8 +161,8 @@ impl PacketSocket {
         Ok(())
     }
 
-    /// Sends one frame (Ethernet header included) out of the interface.
-    pub fn send(&self, frame: &[u8]) -> Result<usize, PacketError> {
+    /// The link-layer address to send `frame` to: this interface, the frame's destination MAC.
+    fn dest(&self, frame: &[u8]) -> libc::sockaddr_ll {
         // SAFETY: zeroed sockaddr_ll is valid; the destination is in the frame itself.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
@@ -171,6 +171,12 @@ impl PacketSocket {
         for (d, s) in sll.sll_addr.iter_mut().zip(frame.iter().take(6)) {
             *d = *s;
         }
+        sll
+    }
+
+    /// Sends one frame (Ethernet header included) out of the interface.
+    pub fn send(&self, frame: &[u8]) -> Result<usize, PacketError> {
+        let sll = self.dest(frame);
         // SAFETY: buffer and address valid for the call.
         let n = unsafe {
             libc::sendto(
@@ -191,14 +197,7 @@ impl PacketSocket {
     /// Sends `copies` copies of one frame with one `sendmmsg` call (a flood that costs its
     /// sender little per frame); returns how many the kernel took.
     pub fn send_copies(&self, frame: &[u8], copies: usize) -> Result<usize, PacketError> {
-        // SAFETY: zeroed sockaddr_ll is valid; the destination is in the frame itself.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        for (d, s) in sll.sll_addr.iter_mut().zip(frame.iter().take(6)) {
-            *d = *s;
-        }
+        let mut sll = self.dest(frame);
         let mut iov = libc::iovec {
             iov_base: frame.as_ptr().cast_mut().cast(),
             iov_len: frame.len(),

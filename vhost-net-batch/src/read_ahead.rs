@@ -13,8 +13,9 @@
 //!
 //! A batch is sized by what the last one found (`want`), bounded by [`READ_AHEAD`], by the room
 //! the guest has posted and by the run's budget; a batch whose last read found the tap empty
-//! says so ([`Ahead::Empty`]) once its frames are taken, without another call. The worker
-//! watches the tap edge-triggered, and every frame queued after that read raises a new edge.
+//! says so ([`Ahead::Empty`]) once its frames are taken, without another call, within the run
+//! that read it ([`ReadAhead::new_run`]). The worker watches the tap edge-triggered, and every
+//! frame queued after that read raises an edge the worker takes after the run.
 
 use std::io;
 
