@@ -5,8 +5,9 @@
 //! [`TapIo::readv_batch`] call (one `io_uring` submission on a [`crate::tap_io::TapQueue`])
 //! into buffers of its own, and the RX path copies each frame into the guest's chain from there.
 //!
-//! The copy replaces no other: a frame larger than its first guest chain is placed in further
-//! chains straight from the read-ahead buffer, as it would be from the RX path's scratch buffer.
+//! That copy into the first chain is the only extra one: the rest of a frame larger than its
+//! first guest chain is placed in further chains straight from the read-ahead buffer, as it
+//! would be from the RX path's scratch buffer.
 //! Reading into the backend's own buffers also keeps guest chains out of the batch, so a read
 //! that finds the tap empty between two that do not (a frame arrived meanwhile) leaves no chain
 //! popped and unused.

@@ -502,6 +502,10 @@ pub fn run_ok(cmd: &mut Command) -> String {
 pub struct ScriptNetns {
     /// Its name.
     pub name: String,
+    /// The namespace the thread that entered this one came from: the drop goes back there
+    /// first, or the delete script would run inside the namespace it deletes and kill itself
+    /// with the namespace's processes (which left `vnbhp*`/`vnbhx*` namespaces behind).
+    home: std::sync::Mutex<Option<File>>,
 }
 
 impl ScriptNetns {
@@ -510,11 +514,17 @@ impl ScriptNetns {
         require_root_and_ip();
         let name = format!("vnb{tag}{}", std::process::id() % 10000);
         run_ok(Command::new(repo().join("ci/netns.sh")).args(["create", &name]));
-        ScriptNetns { name }
+        ScriptNetns {
+            name,
+            home: std::sync::Mutex::new(None),
+        }
     }
 
     /// Moves the calling thread into the namespace (to open packet sockets on its taps).
     pub fn enter(&self) {
+        let home = File::open("/proc/thread-self/ns/net").unwrap();
+        let mut saved = self.home.lock().unwrap_or_else(|e| e.into_inner());
+        saved.get_or_insert(home);
         let f = File::open(format!("/var/run/netns/{}", self.name)).unwrap();
         // SAFETY: setns on a valid netns fd affects only the calling thread.
         let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -531,6 +541,16 @@ impl ScriptNetns {
 
 impl Drop for ScriptNetns {
     fn drop(&mut self) {
+        let home = self
+            .home
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(home) = home {
+            // SAFETY: setns on a valid netns fd affects only the calling thread (the one that
+            // entered, in every test).
+            unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
+        }
         let _ = Command::new(repo().join("ci/netns.sh"))
             .args(["delete", &self.name])
             .status();
