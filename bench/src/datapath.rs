@@ -83,6 +83,12 @@ pub enum RxLoad {
     /// backend CPU-second are the cost of a frame, as on the TX side.
     #[default]
     Full,
+    /// As `full`, but the sender runs at the backend's priority: each gets about half the
+    /// CPU, a backend drains the tap faster than the sender fills it and waits for the next
+    /// frame thousands of times a second. Its cost per frame includes those waits, and how
+    /// many frames each wake-up finds is the scheduler's choice (`backend_waits` records it;
+    /// it differs between backends).
+    Even,
     /// One `send` per frame at normal priority (every campaign before 2026-12-06's read-ahead
     /// one): the sender and the backend share a CPU, the backend is idle about half the time
     /// and its cost per frame includes the sleeps and wake-ups the arrival rate decides.
@@ -96,6 +102,10 @@ impl RxLoad {
             RxLoad::Full => {
                 "the flood offers more than the backend takes; it never waits for a frame"
             }
+            RxLoad::Even => {
+                "64 frames per send at the backend's priority on its CPU; the backend drains \
+                 the tap and waits for frames"
+            }
             RxLoad::Partial => {
                 "one send per frame at normal priority; the backend idles about half the time"
             }
@@ -106,6 +116,7 @@ impl RxLoad {
     pub fn name(self) -> &'static str {
         match self {
             RxLoad::Full => "full",
+            RxLoad::Even => "even",
             RxLoad::Partial => "partial",
         }
     }
@@ -117,9 +128,10 @@ impl std::str::FromStr for RxLoad {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "full" => Ok(RxLoad::Full),
+            "even" => Ok(RxLoad::Even),
             "partial" => Ok(RxLoad::Partial),
             _ => Err(BenchError::Input(format!(
-                "unknown RX load {s:?}: use full or partial"
+                "unknown RX load {s:?}: use full, even or partial"
             ))),
         }
     }
@@ -195,6 +207,11 @@ pub struct DatapathRun {
     pub delivered: u64,
     /// Backend CPU time in the measured window, s.
     pub backend_cpu_s: f64,
+    /// Times the backend's threads went to sleep in the measured window (voluntary context
+    /// switches): near 0 when frames never run out, one per wake-up when they do. Not
+    /// recorded before 2026-12-06's `even` campaign (0 there).
+    #[serde(default)]
+    pub backend_waits: u64,
     /// `moved / seconds`.
     pub pps: f64,
     /// `moved / backend_cpu_s`.
@@ -375,16 +392,17 @@ fn flood(ns: &str, len: usize, load: RxLoad, stop: &AtomicBool) -> Result<u64> {
     frame[12..14].copy_from_slice(&[0x88, 0xb6]);
     let batch = match load {
         RxLoad::Partial => 1,
-        RxLoad::Full => {
-            // This thread only: it shares the backend's CPU and must offer more than any
-            // backend takes.
+        RxLoad::Full | RxLoad::Even => {
+            // This thread only: it shares the backend's CPU; at full load it must offer more
+            // than any backend takes.
             // SAFETY: a syscall on this thread's id.
             let tid = unsafe { libc::gettid() };
             pin(tid, SHARED_CPU)?;
+            let nice = if load == RxLoad::Full { FULL_NICE } else { 0 };
             // SAFETY: a syscall on this thread's id.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, FULL_NICE) } != 0 {
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
                 return Err(BenchError::Setup(format!(
-                    "setpriority {FULL_NICE} for the RX flood (needs root or CAP_SYS_NICE): {}",
+                    "setpriority {nice} for the RX flood (needs root or CAP_SYS_NICE): {}",
                     std::io::Error::last_os_error()
                 )));
             }
@@ -496,8 +514,9 @@ fn run_one(
         }
     };
     let flood_stop = AtomicBool::new(false);
-    let full_rx = dir_kind == Direction::Rx && opts.rx_load == RxLoad::Full;
-    if full_rx {
+    // The backend shares the flood's CPU at full and even load.
+    let shares_cpu = dir_kind == Direction::Rx && opts.rx_load != RxLoad::Partial;
+    if shares_cpu {
         pin_process(rig.backend_pid(), SHARED_CPU)?;
     }
     let measured = std::thread::scope(|s| {
@@ -507,12 +526,17 @@ fn run_one(
             s.spawn(|| flood(&ns, opts.frame_len.into(), opts.rx_load, &flood_stop))
         });
         let pid = rig.backend_pid();
-        if full_rx {
+        if shares_cpu {
             // Again once testpmd is connected: threads started for the connection exist now.
             let _ = pin_process(pid, SHARED_CPU);
         }
         sleep(opts.warmup);
-        let cpu = || procfs::cpu_seconds(pid).unwrap_or(0.0);
+        let cpu = || {
+            (
+                procfs::cpu_seconds(pid).unwrap_or(0.0),
+                procfs::voluntary_context_switches(pid).unwrap_or(0),
+            )
+        };
         let w0 = (Instant::now(), rig.tap_stat(stat), cpu());
         sleep(opts.duration);
         let w1 = (Instant::now(), rig.tap_stat(stat), cpu());
@@ -523,7 +547,7 @@ fn run_one(
         });
         (w0, w1, offered)
     });
-    let ((t0, m0, cpu0), (t1, m1, cpu1), flooded) = measured;
+    let ((t0, m0, (cpu0, waits0)), (t1, m1, (cpu1, waits1)), flooded) = measured;
     let (m0, m1) = (m0?, m1?);
     let flooded = flooded.transpose()?;
     if stop.load(Ordering::Relaxed) {
@@ -565,6 +589,7 @@ fn run_one(
         moved,
         delivered,
         backend_cpu_s,
+        backend_waits: waits1.saturating_sub(waits0),
         pps: moved as f64 / seconds,
         per_cpu_s: if backend_cpu_s > 0.0 {
             moved as f64 / backend_cpu_s
@@ -652,6 +677,7 @@ pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCam
                     moved: 0,
                     delivered: 0,
                     backend_cpu_s: 0.0,
+                    backend_waits: 0,
                     pps: 0.0,
                     per_cpu_s: 0.0,
                     error: Some(e.to_string()),
@@ -741,8 +767,8 @@ pub fn markdown(c: &DatapathCampaign) -> String {
                 c.rx_load.describe()
             );
         }
-        s += "| configuration | runs | pps (mean ± sd) | packets per backend CPU-s (mean ± sd) | backend CPU share | pps ratio (median, min–max) | per CPU-s ratio (median, min–max) |\n";
-        s += "|---|---|---|---|---|---|---|\n";
+        s += "| configuration | runs | pps (mean ± sd) | packets per backend CPU-s (mean ± sd) | backend CPU share | backend waits per 1000 frames | pps ratio (median, min–max) | per CPU-s ratio (median, min–max) |\n";
+        s += "|---|---|---|---|---|---|---|---|\n";
         for name in &c.configs {
             let n_ok = c
                 .runs
@@ -756,13 +782,15 @@ pub fn markdown(c: &DatapathCampaign) -> String {
             };
             let share = summary_of(c, d, name, |r| r.backend_cpu_s / r.seconds)
                 .map_or("-".to_string(), |x| format!("{:.0} %", x.mean * 100.0));
+            let waits = summary_of(c, d, name, waits_per_1000)
+                .map_or("-".to_string(), |x| format!("{:.1}", x.mean));
             let ratio = |f: fn(&DatapathRun) -> f64| {
                 Summary::of(&paired_ratios(c, d, name, f)).map_or("-".to_string(), |x| {
                     format!("{:.3} ({:.3}–{:.3})", x.median, x.min, x.max)
                 })
             };
             s += &format!(
-                "| {name} | {n_ok} | {} | {} | {share} | {} | {} |\n",
+                "| {name} | {n_ok} | {} | {} | {share} | {waits} | {} | {} |\n",
                 fmt_sum(summary_of(c, d, name, |r| r.pps)),
                 fmt_sum(summary_of(c, d, name, |r| r.per_cpu_s)),
                 ratio(|r| r.pps),
@@ -771,10 +799,10 @@ pub fn markdown(c: &DatapathCampaign) -> String {
         }
         s += "\n";
     }
-    s += "## Runs\n\n| direction | configuration | rep | s | offered | moved (window) | moved (whole run) | delivered | backend CPU s | pps | per CPU-s | error |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    s += "## Runs\n\n| direction | configuration | rep | s | offered | moved (window) | moved (whole run) | delivered | backend CPU s | backend waits | pps | per CPU-s | error |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in &c.runs {
         s += &format!(
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {} |\n",
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {:.2} | {} | {:.0} | {:.0} | {} |\n",
             r.direction.name(),
             r.config,
             r.rep,
@@ -784,6 +812,7 @@ pub fn markdown(c: &DatapathCampaign) -> String {
             r.moved_total,
             r.delivered,
             r.backend_cpu_s,
+            r.backend_waits,
             r.pps,
             r.per_cpu_s,
             r.error
@@ -794,6 +823,15 @@ pub fn markdown(c: &DatapathCampaign) -> String {
     }
     s += &format!("\nRerun: `{}`\n", c.command);
     s
+}
+
+/// How often the backend went to sleep per 1000 frames it moved in the window.
+fn waits_per_1000(r: &DatapathRun) -> f64 {
+    if r.moved == 0 {
+        0.0
+    } else {
+        r.backend_waits as f64 * 1000.0 / r.moved as f64
+    }
 }
 
 /// Writes `report.md` and `results.json` into `dir`.
@@ -822,6 +860,7 @@ mod tests {
             moved: pps as u64,
             delivered: pps as u64,
             backend_cpu_s: 0.5,
+            backend_waits: 10,
             pps,
             per_cpu_s: pps * 2.0,
             error: error.then(|| "x".into()),
@@ -867,8 +906,25 @@ mod tests {
         assert!(paired_ratios(&c, Direction::Rx, "ext:old", |r| r.pps).is_empty());
         let md = markdown(&c);
         assert!(md.contains("| ext:old | 3 | 130 ± 44 |"), "{md}");
+        // 10 waits over 110, 180 and 100 frames.
+        assert!(md.contains("| 50 % | 82.2 |"), "{md}");
         assert!(md.contains("1.000 (0.900–1.100)"), "{md}");
         assert!(md.contains("## tx: ") && md.contains("## rx: "), "{md}");
+    }
+
+    #[test]
+    fn rx_loads_parse_and_name_themselves() {
+        for load in [RxLoad::Full, RxLoad::Even, RxLoad::Partial] {
+            assert_eq!(load.name().parse::<RxLoad>().unwrap(), load);
+            let json = serde_json::to_string(&load).unwrap();
+            assert_eq!(json, format!("\"{}\"", load.name()));
+        }
+        assert!("Full".parse::<RxLoad>().is_err());
+        // A run recorded before waits were counted still reads.
+        let mut v = serde_json::to_value(r("off", 1, 1.0, false)).unwrap();
+        v.as_object_mut().unwrap().remove("backend_waits");
+        let old: DatapathRun = serde_json::from_value(v).unwrap();
+        assert_eq!(old.backend_waits, 0);
     }
 
     #[test]

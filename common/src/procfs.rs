@@ -97,19 +97,48 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
 
 /// Voluntary plus involuntary context switches of every live thread of process `pid`.
 pub fn context_switches(pid: u32) -> io::Result<u64> {
+    threads_switches(pid, Switches::All)
+}
+
+/// Voluntary context switches of every live thread of process `pid`: how often its threads
+/// went to sleep (waited for an event, a lock or I/O).
+pub fn voluntary_context_switches(pid: u32) -> io::Result<u64> {
+    threads_switches(pid, Switches::Voluntary)
+}
+
+/// Which context switches to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switches {
+    All,
+    Voluntary,
+}
+
+fn threads_switches(pid: u32, which: Switches) -> io::Result<u64> {
     let mut total = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
         // A thread may exit between the listing and the read: it is skipped.
         let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
             continue;
         };
-        total += status
-            .lines()
-            .filter(|l| l.contains("ctxt_switches:"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<u64>();
+        total += status_switches(&status, which);
     }
     Ok(total)
+}
+
+/// The context switches a `/proc/<pid>/task/<tid>/status` text reports.
+fn status_switches(status: &str, which: Switches) -> u64 {
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(key, _)| match which {
+            Switches::All => matches!(
+                *key,
+                "voluntary_ctxt_switches" | "nonvoluntary_ctxt_switches"
+            ),
+            Switches::Voluntary => *key == "voluntary_ctxt_switches",
+        })
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Open descriptors of this process.
@@ -161,10 +190,19 @@ mod tests {
     }
 
     #[test]
+    fn context_switches_from_a_status_text() {
+        let t = "Name:\tx\nvoluntary_ctxt_switches:\t42\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(status_switches(t, Switches::All), 49);
+        assert_eq!(status_switches(t, Switches::Voluntary), 42);
+        assert_eq!(status_switches("Name:\tx\n", Switches::All), 0);
+    }
+
+    #[test]
     fn own_process_figures() {
         let me = std::process::id();
         assert!(cpu_seconds(me).unwrap() >= 0.0);
         assert!(context_switches(me).unwrap() > 0);
+        assert!(voluntary_context_switches(me).unwrap() <= context_switches(me).unwrap());
         assert!(own_fd_count().unwrap() >= 3);
         assert!(own_thread_count().unwrap() >= 1);
         assert!(rss_kib(me).unwrap() > 0);

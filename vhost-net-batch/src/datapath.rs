@@ -25,6 +25,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use crate::read_ahead::{Ahead, ReadAhead};
 
+/// Frames an RX run reads one at a time, straight into guest chains, before it reads ahead
+/// in batches on a tap that can ([`TapIo::batches_reads`]); a run after one that read at least
+/// this many reads ahead from its start.
+pub const AHEAD_AFTER: usize = crate::read_ahead::READ_AHEAD;
+
 /// Most packets one direction moves before yielding to the other (like `VHOST_NET_WEIGHT`).
 pub const BATCH_BUDGET: usize = 256;
 /// Most segments a chain may have (`UIO_MAXIOV`).
@@ -878,6 +883,10 @@ pub struct RxPath {
     pending: Option<PendingRx>,
     /// Frames read ahead, for a tap that reads many per call.
     ahead: ReadAhead,
+    /// Frames the last run read from the tap.
+    last_run_reads: usize,
+    /// Frames a run reads one at a time before it reads ahead ([`AHEAD_AFTER`]).
+    ahead_after: usize,
     /// Mark the guest pages the tap's frames are read into in the dirty-page log (live
     /// migration); other writes go through `vm-memory`, which marks them itself.
     pub log_writes: bool,
@@ -913,8 +922,17 @@ impl RxPath {
             scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
             pending: None,
             ahead: ReadAhead::new(),
+            last_run_reads: 0,
+            ahead_after: AHEAD_AFTER,
             log_writes: false,
         }
+    }
+
+    /// The same path reading ahead, on a tap that can, once a run has read `n` frames one at a
+    /// time (or the run before read that many); 0 reads ahead from the first frame.
+    pub fn with_ahead_after(mut self, n: usize) -> Self {
+        self.ahead_after = n;
+        self
     }
 
     /// Whether a frame is half placed, waiting for more guest buffers.
@@ -1015,6 +1033,12 @@ impl RxPath {
         let _ = q.disable_notification(mem);
         let mut rechecked = false;
         let mut walked = 0usize;
+        // Frames this run read from the tap. Reading ahead pays only where the tap holds many
+        // frames: at moderate load a run finds a few after each wake-up, and the batch's
+        // reads past them, the copy out of the read-ahead buffer and the ring's per-read work
+        // cost more than the system calls they save (`bench/results/2026-12-06-rx-load/`).
+        let mut reads = 0usize;
+        let ahead_from_start = self.last_run_reads >= self.ahead_after;
         self.ahead.new_run();
         loop {
             if let Some(p) = self.pending.take() {
@@ -1074,7 +1098,9 @@ impl RxPath {
                     continue;
                 }
             };
-            let read = if tap.batches_reads() || self.ahead.held() > 0 {
+            let read = if self.ahead.held() > 0
+                || (tap.batches_reads() && (ahead_from_start || reads >= self.ahead_after))
+            {
                 // No more frames than the guest has buffers for (this chain and the posted
                 // ones) and the run has budget left.
                 let c = &out.counts;
@@ -1109,6 +1135,7 @@ impl RxPath {
                     break;
                 }
             };
+            reads += 1;
             if n < hdr.len {
                 // Not a frame we can deliver; reuse the chain.
                 unpop(q);
@@ -1170,6 +1197,7 @@ impl RxPath {
             self.extra.clear();
             self.pending = Some(p);
         }
+        self.last_run_reads = reads;
         out
     }
 

@@ -7,7 +7,8 @@
 //! Measured on the project's rig (a 2-vCPU VM, retpolines): 1,070–1,140 ns of CPU per 64-byte
 //! frame written with `writev`, 720–830 ns through the ring
 //! (`bench/results/2026-12-06-datapath-uring-64/`). On the RX side the same ring reads a batch of
-//! frames ahead into the RX path's own buffers ([`crate::read_ahead`]).
+//! frames ahead into the RX path's own buffers ([`crate::read_ahead`]) once a run has found the
+//! tap holding many frames.
 //!
 //! Every submission is waited for before [`TapQueue`]'s `writev_batch` or `readv_batch`
 //! returns: the kernel never touches the buffers after the call, so the caller's guest-memory
@@ -29,7 +30,7 @@ use crate::datapath::{readv_each, writev_each, TapFd, TapIo};
 #[serde(rename_all = "lowercase")]
 pub enum TapIoKind {
     /// Each TX step's frames in one `io_uring` submission, and RX frames read ahead in batches
-    /// through it; one system call per frame where the kernel or a sandbox refuses `io_uring`
+    /// through it where the tap holds many; one system call per frame where the kernel or a sandbox refuses `io_uring`
     /// (logged once per connection).
     #[default]
     Uring,

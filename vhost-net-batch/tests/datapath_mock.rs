@@ -5,7 +5,7 @@ use std::io;
 
 use vhost_net_batch::datapath::{
     should_notify, ChainError, DeliverError, HdrLayout, PathError, RxPath, TapIo, TxPath,
-    CONTROL_INBOX, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS, RUN_DESC_BUDGET,
+    AHEAD_AFTER, CONTROL_INBOX, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS, RUN_DESC_BUDGET,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -34,20 +34,30 @@ fn both_reads(test: impl Fn(bool)) {
     }
 }
 
+/// An RX path that, on a tap that batches reads, reads ahead from a run's first frame (the
+/// tests below check read-ahead; `rx_reads_ahead_only_once_a_run_finds_many_frames` checks
+/// when it starts by default).
+fn rx_path() -> RxPath {
+    RxPath::new().with_ahead_after(0)
+}
+
 #[derive(Default)]
 struct FakeTap {
     /// Frames the tap hands over, one per read; an empty one is a read failing with `EIO`.
     rx: VecDeque<Vec<u8>>,
     tx: Vec<Vec<u8>>,
     tx_error: Option<i32>,
+    /// Reads made one at a time (`readv`), and the size of each batch of reads.
+    direct_reads: usize,
+    batches: Vec<usize>,
 }
 
 fn iov_total(iov: &[libc::iovec]) -> usize {
     iov.iter().map(|v| v.iov_len).sum()
 }
 
-impl TapIo for FakeTap {
-    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+impl FakeTap {
+    fn read_one(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         if iov.len() > MAX_SEGMENTS {
             // As the kernel does (UIO_MAXIOV).
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -75,6 +85,13 @@ impl TapIo for FakeTap {
         }
         Ok(frame.len())
     }
+}
+
+impl TapIo for FakeTap {
+    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        self.direct_reads += 1;
+        self.read_one(iov)
+    }
 
     fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         if iov.len() > MAX_SEGMENTS {
@@ -101,9 +118,10 @@ impl TapIo for FakeTap {
 
     fn readv_batch(&mut self, bufs: &[libc::iovec], res: &mut Vec<i32>) {
         // Like a ring: every read is tried, empty ones too.
+        self.batches.push(bufs.len());
         res.clear();
         for b in bufs {
-            res.push(match self.readv(std::slice::from_ref(b)) {
+            res.push(match self.read_one(std::slice::from_ref(b)) {
                 Ok(n) => n as i32,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => -libc::EAGAIN,
                 Err(e) => -e.raw_os_error().unwrap(),
@@ -562,7 +580,7 @@ fn rx_chain_with_more_segments_than_one_read_takes_is_refused_and_counted() {
             rx: VecDeque::from([f.clone()]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!(
             (r.counts.bad_chains, r.counts.packets, r.counts.tap_errors),
             (1, 1, 0)
@@ -605,7 +623,7 @@ fn rx_small_frames_fill_one_buffer_each() {
             rx: VecDeque::from([f1.clone(), f2.clone()]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!(r.counts.packets, 2);
         assert!(r.tap_empty);
         assert_eq!(
@@ -636,7 +654,7 @@ fn rx_mergeable_frame_spans_buffers_with_num_buffers() {
             rx: VecDeque::from([big.clone()]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!(r.counts.packets, 1);
         assert_eq!(r.counts.bytes, 4000);
         assert_eq!(used(&m, &q), vec![(0, 1500), (1, 1500), (2, 1012)]);
@@ -662,7 +680,7 @@ fn rx_mergeable_waits_for_more_buffers_without_publishing_a_partial_frame() {
             rx: VecDeque::from([big.clone(), small.clone()]),
             ..Default::default()
         };
-        let mut rx = RxPath::new();
+        let mut rx = rx_path();
         let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert!(r.no_buffers && rx.has_pending());
         assert_eq!(r.counts.packets, 0);
@@ -703,7 +721,7 @@ fn rx_pending_frame_is_given_back_when_the_ring_stops() {
             rx: VecDeque::from([frame(4000, 1)]),
             ..Default::default()
         };
-        let mut rx = RxPath::new();
+        let mut rx = rx_path();
         rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!(q.next_avail(), 1);
         assert_eq!(rx.abandon_pending(&mut q), 1);
@@ -723,7 +741,7 @@ fn rx_read_ahead_takes_no_more_frames_than_the_guest_has_buffers_for() {
         rx: frames.iter().cloned().collect(),
         ..Default::default()
     };
-    let mut rx = RxPath::new();
+    let mut rx = rx_path();
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!(
         (r.counts.packets, r.no_buffers, r.tap_empty),
@@ -747,6 +765,51 @@ fn rx_read_ahead_takes_no_more_frames_than_the_guest_has_buffers_for() {
 }
 
 #[test]
+fn rx_reads_ahead_only_once_a_run_finds_many_frames() {
+    READ_AHEAD.with(|c| c.set(true));
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048; 128], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let mut tap = FakeTap::default();
+    let mut rx = RxPath::new();
+    let mut sent = Vec::new();
+    let mut serve = |tap: &mut FakeTap, n: usize| {
+        for _ in 0..n {
+            let f = frame(60 + sent.len() % 200, sent.len() as u8);
+            sent.push(f.len() as u32);
+            tap.rx.push_back(f);
+        }
+        (tap.direct_reads, tap.batches.len())
+    };
+    let mut run = |tap: &mut FakeTap, q: &mut Queue, n: usize, (direct, batches)| {
+        let r = rx.run(q, &m, tap, HdrLayout::default(), 256);
+        assert_eq!((r.counts.packets, r.tap_empty), (n as u64, true), "{r:?}");
+        assert!(tap.rx.is_empty());
+        (tap.direct_reads - direct, tap.batches.len() - batches)
+    };
+    // A few frames: one read each, straight into guest chains, and the read that finds the
+    // tap empty.
+    let before = serve(&mut tap, 5);
+    assert_eq!(run(&mut tap, &mut q, 5, before), (6, 0));
+    // Many: AHEAD_AFTER one at a time, the rest read ahead.
+    let before = serve(&mut tap, 40);
+    let (direct, batches) = run(&mut tap, &mut q, 40, before);
+    assert_eq!(direct, AHEAD_AFTER);
+    assert!(batches >= 2, "{batches} batches for 24 frames");
+    // After a run that read many, the next one reads ahead from its first frame...
+    let before = serve(&mut tap, 3);
+    let (direct, batches) = run(&mut tap, &mut q, 3, before);
+    assert_eq!(direct, 0);
+    assert!(batches >= 1);
+    // ... and after one that read few, one at a time again.
+    let before = serve(&mut tap, 2);
+    assert_eq!(run(&mut tap, &mut q, 2, before), (3, 0));
+    let lens: Vec<u32> = used(&m, &q).iter().map(|e| e.1).collect();
+    assert_eq!(lens, sent, "every frame, in order");
+}
+
+#[test]
 fn rx_read_ahead_reads_the_tap_again_in_a_new_run() {
     // Found by the `datapath` fuzz target. A batch's empty last read ends the run that read
     // it without another call; a later run (the worker saw the tap's edge for a new frame in
@@ -762,7 +825,7 @@ fn rx_read_ahead_reads_the_tap_again_in_a_new_run() {
         rx: VecDeque::from([frame(60, 1)]),
         ..Default::default()
     };
-    let mut rx = RxPath::new();
+    let mut rx = rx_path();
     // Room for two frames: the batch reads the frame and finds the tap empty; the frame
     // goes to the first chain, the second is malformed, and the run ends without buffers,
     // the batch's empty read not yet handed out.
@@ -796,7 +859,7 @@ fn rx_frames_read_ahead_are_dropped_and_counted_when_the_ring_stops() {
         rx: VecDeque::from([frame(4000, 1), frame(60, 2)]),
         ..Default::default()
     };
-    let mut rx = RxPath::new();
+    let mut rx = rx_path();
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert!(r.no_buffers);
     assert_eq!((rx.held(), tap.rx.len()), (2, 0));
@@ -823,7 +886,7 @@ fn rx_read_ahead_delivers_the_frames_after_a_failed_read() {
         rx: VecDeque::from([f1.clone(), Vec::new(), f2.clone()]),
         ..Default::default()
     };
-    let mut rx = RxPath::new();
+    let mut rx = rx_path();
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!((r.counts.packets, r.counts.tap_errors), (2, 1));
     assert!(r.tap_empty);
@@ -859,7 +922,7 @@ fn rx_abandoned_frame_gives_back_no_chain_it_already_completed() {
             rx: VecDeque::from([frame(4000, 1)]),
             ..Default::default()
         };
-        let mut rx = RxPath::new();
+        let mut rx = rx_path();
         let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         rx.abandon_pending(&mut q);
         // Completed: exactly the chains taken and not given back, each once.
@@ -905,7 +968,7 @@ fn rx_without_mergeable_drops_oversized_and_reuses_the_buffer() {
             len: 12,
             mergeable: false,
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, hdr, 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, hdr, 256);
         assert_eq!((r.counts.dropped, r.counts.packets), (1, 1));
         assert_eq!(used(&m, &q), vec![(0, ok.len() as u32)]);
     });
@@ -927,7 +990,7 @@ fn rx_control_frames_from_the_tap_count_against_the_budget() {
             rx: std::iter::repeat_n(ctl, 100).collect(),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
         assert_eq!(r.counts.control, 8, "{r:?}");
         assert_eq!(tap.rx.len(), 92, "read no more than the budget");
         assert!(r.more);
@@ -951,7 +1014,7 @@ fn rx_tso_frame_keeps_its_vnet_header() {
             rx: VecDeque::from([gso.clone()]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!(r.counts.packets, 1);
         let u = used(&m, &q);
         assert_eq!(u.len(), 15); // 60012 bytes over 4096-byte buffers
@@ -984,7 +1047,7 @@ fn rx_rejects_bad_chains() {
             rx: VecDeque::from([f.clone()]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!((r.counts.bad_chains, r.counts.packets), (3, 1));
         assert_eq!(
             used(&m, &q),
@@ -1008,7 +1071,7 @@ fn event_idx_signalling_follows_used_event() {
             rx: VecDeque::from([frame(10, 1)]),
             ..Default::default()
         };
-        let mut rx = RxPath::new();
+        let mut rx = rx_path();
         rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert!(
             !should_notify(&mut q, &m, false),
@@ -1083,7 +1146,7 @@ fn corrupt_avail_index_does_not_spin_the_worker() {
             rx: VecDeque::from([frame(10, 1)]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert!(r.no_buffers);
         assert_eq!(
             tap.rx.len(),
@@ -1123,7 +1186,7 @@ fn rx_malformed_chains_count_against_the_budget() {
             rx: VecDeque::from([frame(100, 1)]),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 8);
         assert_eq!(r.counts.bad_chains, 8, "{r:?}");
         assert!(r.more);
         assert_eq!(q.next_avail(), 8);
@@ -1161,7 +1224,7 @@ fn a_65535_entry_indirect_table_is_refused_after_max_chain_descs_both_ways() {
                     rx: VecDeque::from([frame(100, 1)]),
                     ..Default::default()
                 };
-                let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+                let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
                 assert!(r.more, "{r:?}");
                 r.counts
             } else {
@@ -1243,7 +1306,7 @@ fn rx_a_frame_over_long_chains_is_placed_over_several_runs() {
             rx: VecDeque::from([f.clone()]),
             ..Default::default()
         };
-        let mut rx = RxPath::new();
+        let mut rx = rx_path();
         let mut runs = 0;
         loop {
             let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
@@ -1316,7 +1379,7 @@ fn vlan_tagged_control_frames_are_filtered_both_ways() {
             rx: frames.iter().map(|f| f.to_vec()).collect(),
             ..Default::default()
         };
-        let r = RxPath::new().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert_eq!((r.counts.control, r.counts.packets), (2, 2), "{r:?}");
         assert_eq!(
             used(&m, &q),
@@ -1339,7 +1402,7 @@ fn deliver_looks_at_one_chain_and_completes_a_bad_one() {
     )
     .unwrap();
     let mut q: Queue = vq.create_queue().unwrap();
-    let mut rx = RxPath::new();
+    let mut rx = rx_path();
     let mut c = Default::default();
     let reply = [7u8; 60];
     for _ in 0..2 {
@@ -1387,7 +1450,7 @@ fn rx_writes_behind_vm_memory_are_marked_dirty_while_logging() {
                 rx: VecDeque::from([f.clone()]),
                 ..Default::default()
             };
-            let mut rx = RxPath::new();
+            let mut rx = rx_path();
             rx.log_writes = log;
             let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
             assert_eq!(r.counts.packets, 1);

@@ -105,8 +105,10 @@ struct DatapathArgs {
     #[arg(long, default_value_t = 64)]
     frame_len: u16,
     /// RX flood: full (more than any backend takes, so the backend never waits: the cost of a
-    /// frame) or partial (one send per frame at normal priority, as campaigns before
-    /// 2026-12-06's read-ahead one did: the backend idles about half the time).
+    /// frame), even (the same flood at the backend's priority: the backend drains the tap and
+    /// waits for frames, thousands of times a second) or partial (one send per frame at normal
+    /// priority, as campaigns before 2026-12-06's read-ahead one did: the backend idles about
+    /// half the time).
     #[arg(long, default_value = "full")]
     rx_load: datapath::RxLoad,
     /// Repetitions (default 5).

@@ -5,7 +5,8 @@
 //! fake tap serving frames of chosen lengths and errors, control replies, abandoning a pending
 //! frame, guest updates between them), and after each one checks, independently of the code
 //! under test. Half the inputs (by their first byte) read the tap ahead, many frames per call,
-//! as with an `io_uring`, where an empty read between two frames leaves a hole in a batch.
+//! as with an `io_uring`, where an empty read between two frames leaves a hole in a batch;
+//! runs switch to reading ahead after 0, 2 or `AHEAD_AFTER` frames read one at a time.
 //! Checked:
 //!
 //! - every used entry the operation added names a head below the queue size, TX entries have
@@ -30,7 +31,7 @@ use std::io;
 use libfuzzer_sys::fuzz_target;
 use vhost_net_batch::datapath::{
     free_buffers, release_kicks, should_notify, used_event, DeliverError, HdrLayout, PathCounts,
-    RxPath, TapIo, TxPath, CONTROL_INBOX, CONTROL_KEEP, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS,
+    RxPath, TapIo, TxPath, AHEAD_AFTER, CONTROL_INBOX, CONTROL_KEEP, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -1687,6 +1688,9 @@ fn run(data: &[u8]) {
     // Half the inputs read the tap ahead, many frames per call (existing seeds keep their
     // meaning otherwise).
     let batched = (first / 3) % 2 == 1;
+    // Those read ahead from a run's first frame, after two read one at a time, or after the
+    // default number (runs switch from one way to the other).
+    let ahead_after = [0, 2, AHEAD_AFTER][usize::from(first / 6 % 3)];
     let (mem, regions, pre, post) = memory(sel);
     // Fill the buffer area: zeros, a ramp, or a control EtherType every 64 bytes (at both
     // header sizes' offsets).
@@ -1735,7 +1739,7 @@ fn run(data: &[u8]) {
         rxq,
         txq,
         hdr,
-        rx: RxPath::new(),
+        rx: RxPath::new().with_ahead_after(ahead_after),
         tx: TxPath::new(),
         totals: RxTotals::default(),
         serial: 0,
