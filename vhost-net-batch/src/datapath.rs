@@ -1098,8 +1098,9 @@ impl RxPath {
                     continue;
                 }
             };
-            let read = if self.ahead.held() > 0
-                || (tap.batches_reads() && (ahead_from_start || reads >= self.ahead_after))
+            // Frames held from an earlier batch go first, whichever way this run reads.
+            let read = if (tap.batches_reads() && (ahead_from_start || reads >= self.ahead_after))
+                || self.ahead.held() > 0
             {
                 // No more frames than the guest has buffers for (this chain and the posted
                 // ones) and the run has budget left.

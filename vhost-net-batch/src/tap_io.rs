@@ -30,8 +30,8 @@ use crate::datapath::{readv_each, writev_each, TapFd, TapIo};
 #[serde(rename_all = "lowercase")]
 pub enum TapIoKind {
     /// Each TX step's frames in one `io_uring` submission, and RX frames read ahead in batches
-    /// through it where the tap holds many; one system call per frame where the kernel or a sandbox refuses `io_uring`
-    /// (logged once per connection).
+    /// through it where the tap holds many; one system call per frame where the kernel or a
+    /// sandbox refuses `io_uring` (logged once per connection).
     #[default]
     Uring,
     /// One `writev`/`readv` system call per frame.

@@ -774,15 +774,15 @@ fn rx_reads_ahead_only_once_a_run_finds_many_frames() {
     let mut tap = FakeTap::default();
     let mut rx = RxPath::new();
     let mut sent = Vec::new();
-    let mut serve = |tap: &mut FakeTap, n: usize| {
+    // Queues `n` frames in the tap, runs the path once and returns the single reads and the
+    // batches the run made.
+    let mut run = |tap: &mut FakeTap, q: &mut Queue, n: usize| {
         for _ in 0..n {
             let f = frame(60 + sent.len() % 200, sent.len() as u8);
             sent.push(f.len() as u32);
             tap.rx.push_back(f);
         }
-        (tap.direct_reads, tap.batches.len())
-    };
-    let mut run = |tap: &mut FakeTap, q: &mut Queue, n: usize, (direct, batches)| {
+        let (direct, batches) = (tap.direct_reads, tap.batches.len());
         let r = rx.run(q, &m, tap, HdrLayout::default(), 256);
         assert_eq!((r.counts.packets, r.tap_empty), (n as u64, true), "{r:?}");
         assert!(tap.rx.is_empty());
@@ -790,21 +790,17 @@ fn rx_reads_ahead_only_once_a_run_finds_many_frames() {
     };
     // A few frames: one read each, straight into guest chains, and the read that finds the
     // tap empty.
-    let before = serve(&mut tap, 5);
-    assert_eq!(run(&mut tap, &mut q, 5, before), (6, 0));
+    assert_eq!(run(&mut tap, &mut q, 5), (6, 0));
     // Many: AHEAD_AFTER one at a time, the rest read ahead.
-    let before = serve(&mut tap, 40);
-    let (direct, batches) = run(&mut tap, &mut q, 40, before);
+    let (direct, batches) = run(&mut tap, &mut q, 40);
     assert_eq!(direct, AHEAD_AFTER);
     assert!(batches >= 2, "{batches} batches for 24 frames");
     // After a run that read many, the next one reads ahead from its first frame...
-    let before = serve(&mut tap, 3);
-    let (direct, batches) = run(&mut tap, &mut q, 3, before);
+    let (direct, batches) = run(&mut tap, &mut q, 3);
     assert_eq!(direct, 0);
     assert!(batches >= 1);
     // ... and after one that read few, one at a time again.
-    let before = serve(&mut tap, 2);
-    assert_eq!(run(&mut tap, &mut q, 2, before), (3, 0));
+    assert_eq!(run(&mut tap, &mut q, 2), (3, 0));
     let lens: Vec<u32> = used(&m, &q).iter().map(|e| e.1).collect();
     assert_eq!(lens, sent, "every frame, in order");
 }

@@ -31,7 +31,8 @@ use std::io;
 use libfuzzer_sys::fuzz_target;
 use vhost_net_batch::datapath::{
     free_buffers, release_kicks, should_notify, used_event, DeliverError, HdrLayout, PathCounts,
-    RxPath, TapIo, TxPath, AHEAD_AFTER, CONTROL_INBOX, CONTROL_KEEP, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS,
+    RxPath, TapIo, TxPath, AHEAD_AFTER, CONTROL_INBOX, CONTROL_KEEP, MAX_CHAIN_DESCS, MAX_FRAME,
+    MAX_SEGMENTS,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
