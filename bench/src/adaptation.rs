@@ -4,11 +4,18 @@
 
 use serde::Serialize;
 
-use crate::model::RunResult;
+use crate::model::{RunResult, SeriesPoint};
 
 /// Phases whose traffic share lies closer than this to `p*` at their start ask nothing of the
 /// policy: no rise time is reported for them.
 pub const MIN_STEP: f64 = 0.1;
+
+/// Tracking is judged from this long after a phase's traffic flowed ([`PhaseFit::flowing_s`]).
+pub const TRACK_AFTER_S: f64 = 1.0;
+
+/// Samples (100 ms each in `vnb-bench`) over which the traffic's recent share is taken when
+/// judging tracking: enough packets that one sample's noise does not count as a move.
+pub const TRACK_WINDOW: usize = 5;
 
 /// The policy in one phase.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -33,6 +40,20 @@ pub struct PhaseFit {
     /// `p*` did. Unlike `rise_s`, TCP's ramp at the phase's start is left out: a policy that
     /// follows the traffic instantly has a lag of 0 however slowly the traffic settles.
     pub lag_s: Option<f64>,
+    /// The policy's delay at the half-way point, the usual measure of a delay (the 90 % point
+    /// of `lag_s` lies inside the traffic's own drift: TCP's share in a receive phase slides
+    /// by a fifth of the step as the receiver leaves quick-ACK mode, and a per-sample share
+    /// touches the 90 % line long before the phase's mean share is reached). Seconds from the
+    /// first sample whose share covered half the way from `p_start` to `share` until `p*`
+    /// did; `None` when either did not, or when the phase asked for no move.
+    pub delay_s: Option<f64>,
+    /// How closely `p*` followed the traffic once it had had time to: the mean distance
+    /// between `p*` and the share of the last [`TRACK_WINDOW`] samples' packets, over the
+    /// samples from [`TRACK_AFTER_S`] after `flowing_s` to the phase's end. `None` when the
+    /// phase had no sample that late.
+    pub tracking_error: Option<f64>,
+    /// The largest of those distances.
+    pub tracking_error_max: Option<f64>,
     /// Whether the phase asked the policy to move (the share lies `MIN_STEP` or more away).
     pub step: bool,
     /// Mean distance between `p*` and `share` over the phase.
@@ -45,10 +66,8 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
     let mut out = Vec::new();
     for (i, ph) in r.phases.iter().enumerate() {
         let end = r.phases.get(i + 1).map_or(f64::INFINITY, |n| n.t_s);
-        let inside: Vec<_> = s
-            .iter()
-            .filter(|p| p.t_s > ph.t_s && p.t_s <= end)
-            .collect();
+        let in_phase = |p: &&SeriesPoint| p.t_s > ph.t_s && p.t_s <= end;
+        let inside: Vec<_> = s.iter().filter(in_phase).collect();
         let (Some(first), false) = (inside.first(), inside.is_empty()) else {
             continue;
         };
@@ -75,25 +94,50 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
             .map_or(ph.t_s, |p| p.t_s);
         let gap = share - p_start;
         let step = gap.abs() >= MIN_STEP;
-        let policy_at = step
-            .then(|| {
+        // When p*, and when one sample's traffic share, first covered `part` of the way.
+        let policy_at = |part: f64| {
+            step.then(|| {
                 inside
                     .iter()
-                    .find(|p| (p.send_ratio - p_start) / gap >= 0.9)
+                    .find(|p| (p.send_ratio - p_start) / gap >= part)
                     .map(|p| p.t_s)
             })
-            .flatten();
-        let rise_s = policy_at.map(|t| (t - flowing_s).max(0.0));
-        let traffic_at = step
-            .then(|| {
+            .flatten()
+        };
+        let traffic_at = |part: f64| {
+            step.then(|| {
                 inside
                     .iter()
                     .filter(|p| p.tx_pps + p.rx_pps > 0.0)
-                    .find(|p| (p.tx_pps / (p.tx_pps + p.rx_pps) - p_start) / gap >= 0.9)
+                    .find(|p| (p.tx_pps / (p.tx_pps + p.rx_pps) - p_start) / gap >= part)
                     .map(|p| p.t_s)
             })
-            .flatten();
-        let lag_s = policy_at.zip(traffic_at).map(|(p, t)| (p - t).max(0.0));
+            .flatten()
+        };
+        let behind = |part: f64| {
+            policy_at(part)
+                .zip(traffic_at(part))
+                .map(|(p, t)| (p - t).max(0.0))
+        };
+        let rise_s = policy_at(0.9).map(|t| (t - flowing_s).max(0.0));
+        let lag_s = behind(0.9);
+        let delay_s = behind(0.5);
+        // Each late sample against the share of the packets of the samples up to it.
+        let errors: Vec<f64> = s
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| in_phase(p) && p.t_s >= flowing_s + TRACK_AFTER_S)
+            .filter_map(|(k, p)| {
+                let recent = &s[(k + 1).saturating_sub(TRACK_WINDOW)..=k];
+                let (tx, rx) = recent
+                    .iter()
+                    .fold((0.0, 0.0), |(t, r), q| (t + q.tx_pps, r + q.rx_pps));
+                (tx + rx > 0.0).then(|| (p.send_ratio - tx / (tx + rx)).abs())
+            })
+            .collect();
+        let tracking_error =
+            (!errors.is_empty()).then(|| errors.iter().sum::<f64>() / errors.len() as f64);
+        let tracking_error_max = errors.iter().copied().reduce(f64::max);
         let mean_error = inside
             .iter()
             .map(|p| (p.send_ratio - share).abs())
@@ -107,6 +151,9 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
             p_start,
             rise_s,
             lag_s,
+            delay_s,
+            tracking_error,
+            tracking_error_max,
             step,
             mean_error,
         });
@@ -117,7 +164,7 @@ pub fn fit(r: &RunResult) -> Vec<PhaseFit> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{PhaseMark, SeriesPoint};
+    use crate::model::PhaseMark;
 
     fn point(t_s: f64, send_ratio: f64, tx_pps: f64, rx_pps: f64) -> SeriesPoint {
         SeriesPoint {
@@ -176,7 +223,66 @@ mod tests {
         assert!(f[2].step && f[2].rise_s.is_none());
         assert!((f[2].flowing_s - 4.5).abs() < 1e-9, "{:?}", f[2]);
         assert!(f[2].mean_error > 0.7);
+        // Half way (0.625) at k = 3 (0.3 s), the traffic there at 0.1 s.
+        assert!((f[0].delay_s.unwrap() - 0.2).abs() < 1e-9, "{:?}", f[0]);
+        assert!(f[1].delay_s.is_none() && f[2].delay_s.is_none());
+        // From 1.1 s on, p* lies 0.25 · 0.75^k (k ≥ 11) from the traffic's share: ≤ 0.011.
+        let (mean, max) = (
+            f[0].tracking_error.unwrap(),
+            f[0].tracking_error_max.unwrap(),
+        );
+        assert!(mean > 0.001 && mean < max && max < 0.011, "{:?}", f[0]);
+        assert!(f[1].tracking_error_max.unwrap() < 1e-3, "{:?}", f[1]);
+        // A rule that does not move is as far off as the step.
+        assert!(f[2].tracking_error.unwrap() > 0.7, "{:?}", f[2]);
         assert!(fit(&RunResult::default()).is_empty());
+    }
+
+    #[test]
+    fn a_drifting_traffic_share_does_not_count_as_policy_delay() {
+        // What a receive phase looks like (make test's CI failure of 2026-12-06): p* stood at
+        // 0.55; the guest's ACKs are 30 % of the packets for 1.5 s (quick-ACK mode, one early
+        // sample at 0.25 by chance), then 22 %. p* follows each sample within two samples.
+        let mut series = vec![point(0.0, 0.55, 1000.0, 800.0)];
+        let mut p = 0.55;
+        for k in 1..=50 {
+            let share = match k {
+                2 => 0.25,
+                _ if k <= 15 => 0.30,
+                _ => 0.22,
+            };
+            p = 0.4 * p + 0.6 * share;
+            series.push(point(
+                k as f64 * 0.1,
+                p,
+                3000.0 * share,
+                3000.0 * (1.0 - share),
+            ));
+        }
+        let r = RunResult {
+            series,
+            phases: vec![
+                PhaseMark {
+                    t_s: -1.0,
+                    name: "send".into(),
+                },
+                PhaseMark {
+                    t_s: 0.0,
+                    name: "receive".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let f = &fit(&r)[1];
+        assert!(f.step && (f.share - 0.243).abs() < 1e-9, "{f:?}");
+        // The 90 % line (0.27) is touched by the traffic at 0.2 s and by p* only once the
+        // share slides, after 1.5 s: 90 % of the way measures the traffic, not the policy.
+        assert!(f.lag_s.unwrap() > 1.3, "{f:?}");
+        // Half way, the policy is one sample behind; and from 1.1 s on it lies within 0.06 of
+        // the traffic's recent share (at most while the share slides).
+        assert!((f.delay_s.unwrap() - 0.1).abs() < 1e-9, "{f:?}");
+        assert!(f.tracking_error_max.unwrap() < 0.06, "{f:?}");
+        assert!(f.tracking_error.unwrap() < 0.03, "{f:?}");
     }
 
     #[test]

@@ -312,13 +312,18 @@ fn adaptation(o: &mut String, c: &Campaign) {
          Per phase: the share of packets the guest sent (backend counters), `p*` when the phase \
          began, the time `p*` took to cover 90 % of the way to that share once the phase's \
          traffic flowed (at half its median packet rate; – when the phase asked \
-         for less than {:.1} of a move, ✗ when it did not get there within the phase), and the \
-         mean distance between `p*` and the share. Chart: `charts/mix-policy.png`.\n",
-        adaptation::MIN_STEP
+         for less than {:.1} of a move, ✗ when it did not get there within the phase), the \
+         policy's delay half way (from the sample where the traffic's share got half way), \
+         the tracking error (mean distance between `p*` and the share of the last {} samples' \
+         packets, from {:.0} s after the traffic flowed), and the mean distance between `p*` \
+         and the phase's share. Chart: `charts/mix-policy.png`.\n",
+        adaptation::MIN_STEP,
+        adaptation::TRACK_WINDOW,
+        adaptation::TRACK_AFTER_S
     );
     let _ = writeln!(
         o,
-        "| configuration | rep | phase | start s | share | p* at start | 90 % rise s | mean error |\n|---|---|---|---|---|---|---|---|"
+        "| configuration | rep | phase | start s | share | p* at start | 90 % rise s | delay s | tracking error | mean error |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in &runs {
         for f in adaptation::fit(r) {
@@ -327,9 +332,17 @@ fn adaptation(o: &mut String, c: &Campaign) {
                 (true, None) => "✗".to_string(),
                 (true, Some(t)) => format!("{t:.1}"),
             };
+            let delay = match (f.step, f.delay_s) {
+                (false, _) => "–".to_string(),
+                (true, None) => "✗".to_string(),
+                (true, Some(t)) => format!("{t:.1}"),
+            };
+            let tracking = f
+                .tracking_error
+                .map_or("–".to_string(), |e| format!("{e:.3}"));
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {rise} | {:.2} |",
+                "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {rise} | {delay} | {tracking} | {:.2} |",
                 r.config, r.rep, f.name, f.start_s, f.share, f.p_start, f.mean_error
             );
         }
@@ -346,13 +359,20 @@ fn adaptation(o: &mut String, c: &Campaign) {
             continue;
         }
         let reached: Vec<f64> = fits.iter().filter_map(|f| f.rise_s).collect();
+        let delays: Vec<f64> = fits.iter().filter_map(|f| f.delay_s).collect();
+        let tracking: Vec<f64> = fits.iter().filter_map(|f| f.tracking_error).collect();
         let _ = writeln!(
             o,
-            "- `{cf}`: {} of {} direction changes reached 90 % within their phase{}; mean distance to the traffic's share {:.2}.",
+            "- `{cf}`: {} of {} direction changes reached 90 % within their phase{}; {} got half way{}; tracking error {}; mean distance to the traffic's share {:.2}.",
             reached.len(),
             fits.len(),
             crate::stats::percentile(&reached, 50.0)
                 .map_or(String::new(), |m| format!(", median rise {m:.1} s")),
+            delays.len(),
+            crate::stats::percentile(&delays, 50.0)
+                .map_or(String::new(), |m| format!(", median delay {m:.1} s")),
+            crate::stats::percentile(&tracking, 50.0)
+                .map_or("–".to_string(), |m| format!("median {m:.3}")),
             fits.iter().map(|f| f.mean_error).sum::<f64>() / fits.len() as f64
         );
     }

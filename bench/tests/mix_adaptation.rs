@@ -1,11 +1,18 @@
 //! The default policy adapts within a second, end to end: the `mix` workload (guest→host TCP
 //! bulk, host→guest TCP bulk, ping-pong, twice) through real guests over our backend, once with
 //! the default rule and once with the paper's, the policy sampled every 100 ms. Every direction
-//! change asks `p*` to move; with the default rule it must follow the traffic's share within a
-//! second of the traffic itself getting there (90 % of the way; median within 0.7 s), and
-//! within 2 s of the phase's traffic starting to flow, TCP's ramp included.
-//! The paper's 5 s rule is run beside it and its figures printed: the contrast the report
-//! shows.
+//! change asks `p*` to move; with the default rule it must be half way there within 0.5 s of
+//! the traffic (median within 0.3 s), and from a second after each phase's traffic flowed, TCP's
+//! ramp included, stay close to the traffic's share of the last half second (mean distance
+//! 0.04, never more than 0.12). The paper's 5 s rule is run beside it: its figures are printed
+//! (the contrast the report shows), and it must track at least three times worse, which shows
+//! the measure tells a slow rule from a fast one.
+//!
+//! The policy is not judged at 90 % of the way to the phase's share: TCP's share in a receive
+//! phase slides by a fifth of the step while the receiver leaves quick-ACK mode, so one noisy
+//! sample touches the 90 % line long before the share settles there, and a policy that follows
+//! the traffic exactly was measured 1.2-1.4 s "behind" in 4 of about 20 runs. That figure is
+//! still printed.
 
 mod common;
 
@@ -13,11 +20,36 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use bench::adaptation;
-use bench::model::Campaign;
+use bench::model::{Campaign, RunResult};
 use common::{require_cmd, vnb_backend, vnb_bench};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn secs(t: Option<f64>) -> String {
+    t.map_or("-".into(), |t| format!("{t:.1} s"))
+}
+
+fn share(e: Option<f64>) -> String {
+    e.map_or("-".into(), |e| format!("{e:.3}"))
+}
+
+/// Mean tracking error over a run's phases (every phase has samples a second after its
+/// traffic flowed: phases last 5 s).
+fn mean_tracking(r: &RunResult, figures: &str) -> f64 {
+    let errors: Vec<f64> = adaptation::fit(r)
+        .iter()
+        .map(|f| {
+            f.tracking_error.unwrap_or_else(|| {
+                panic!(
+                    "{}: no tracking figure for {}:\n{figures}",
+                    r.config, f.name
+                )
+            })
+        })
+        .collect();
+    errors.iter().sum::<f64>() / errors.len() as f64
 }
 
 #[test]
@@ -80,13 +112,16 @@ fn the_default_policy_follows_each_direction_change_within_about_a_second() {
         );
         for f in adaptation::fit(r) {
             figures.push_str(&format!(
-                "{config} {:<9} at {:>5.1} s: share {:.2}, p* from {:.2}, 90 % rise {}, lag behind the traffic {}, mean error {:.2}\n",
+                "{config} {:<9} at {:>5.1} s: share {:.2}, p* from {:.2}, delay {}, tracking error {} (max {}), 90 % rise {}, 90 % lag {}, mean error {:.2}\n",
                 f.name,
                 f.start_s,
                 f.share,
                 f.p_start,
-                f.rise_s.map_or("-".into(), |t| format!("{t:.1} s")),
-                f.lag_s.map_or("-".into(), |t| format!("{t:.1} s")),
+                secs(f.delay_s),
+                share(f.tracking_error),
+                share(f.tracking_error_max),
+                secs(f.rise_s),
+                secs(f.lag_s),
                 f.mean_error
             ));
         }
@@ -99,7 +134,7 @@ fn the_default_policy_follows_each_direction_change_within_about_a_second() {
         .find(|r| r.config == "adaptive:500" && r.workload == "mix")
         .unwrap();
     // The first phase is the run's start, not a change of direction (p* starts from whatever
-    // the guest's boot left, and TCP opens its window): judged are the changes.
+    // the guest's boot left, and TCP opens its window): delays are judged on the changes.
     let first = fast.phases[0].t_s;
     let steps: Vec<_> = adaptation::fit(fast)
         .into_iter()
@@ -110,35 +145,54 @@ fn the_default_policy_follows_each_direction_change_within_about_a_second() {
         steps.len() >= 3,
         "too few direction changes to judge:\n{figures}"
     );
-    // The policy's own reaction: from the sample where the traffic's share covered 90 % of the
-    // way to the moment p* did (TCP's ramp at a phase's start left out: it measured 0.2-1.1 s
-    // on top, the traffic's and not the policy's). The rule alone takes about 0.4 s; samples
-    // come every 100 ms. Each change within a second, and their median within 0.7 s.
-    let mut lags: Vec<f64> = steps
+    // The policy's delay half way, from the sample where the traffic's share covered half the
+    // way (TCP's ramp left out). The rule alone takes 0.15 s; samples come every 100 ms;
+    // measured 0.0-0.2 s.
+    let mut delays: Vec<f64> = steps
         .iter()
-        .map(|f| f.lag_s.unwrap_or(f64::INFINITY))
+        .map(|f| f.delay_s.unwrap_or(f64::INFINITY))
         .collect();
-    for (f, lag) in steps.iter().zip(&lags) {
+    for (f, delay) in steps.iter().zip(&delays) {
         assert!(
-            *lag <= 1.0,
-            "the default policy lagged {lag} s behind the traffic of the {} phase at {:.1} s:\n{figures}",
-            f.name,
-            f.start_s
-        );
-        // Traffic ramp and policy together: bounded too, on a loaded machine.
-        let rise = f.rise_s.unwrap_or(f64::INFINITY);
-        assert!(
-            rise <= 2.0,
-            "the {} phase at {:.1} s took {rise} s to be followed:\n{figures}",
+            *delay <= 0.5,
+            "the default policy was {delay} s behind the traffic half way into the {} phase at {:.1} s:\n{figures}",
             f.name,
             f.start_s
         );
     }
-    lags.sort_by(f64::total_cmp);
-    let median = lags[lags.len() / 2];
+    delays.sort_by(f64::total_cmp);
+    let median = delays[delays.len() / 2];
     assert!(
-        median <= 0.7,
-        "the default policy's median lag is {median} s:\n{figures}"
+        median <= 0.3,
+        "the default policy's median delay is {median} s:\n{figures}"
+    );
+    // Every phase, the first included: a second after the traffic flowed, p* follows it
+    // (measured: means up to 0.013, largest distance 0.039).
+    for f in adaptation::fit(fast) {
+        let (mean, max) = (
+            f.tracking_error.unwrap_or(f64::INFINITY),
+            f.tracking_error_max.unwrap_or(f64::INFINITY),
+        );
+        assert!(
+            mean <= 0.04 && max <= 0.12,
+            "the default policy was {mean} from the traffic's share on average (at most {max}) in the {} phase at {:.1} s:\n{figures}",
+            f.name,
+            f.start_s
+        );
+    }
+    // The paper's rule measured 0.09-0.20 per phase, the default's 0.000-0.013.
+    let paper = camp
+        .runs
+        .iter()
+        .find(|r| r.config == "adaptive:500@paper" && r.workload == "mix")
+        .unwrap();
+    let (fast_err, paper_err) = (
+        mean_tracking(fast, &figures),
+        mean_tracking(paper, &figures),
+    );
+    assert!(
+        paper_err > 3.0 * fast_err,
+        "the paper's rule tracked the traffic within {paper_err:.3}, the default within {fast_err:.3}: the measure does not tell them apart:\n{figures}"
     );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Adaptation (mix)"), "{md}");
