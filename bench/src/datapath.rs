@@ -30,6 +30,7 @@ use vnb_common::procfs;
 use crate::backend::BackendSpec;
 use crate::error::{sh, BenchError, Result};
 use crate::stats::Summary;
+use crate::tapfloor::{self, FloorCounts, FloorRead};
 
 const TAP: &str = "vnbdp0";
 const MAC: &str = "52:54:00:77:06:02";
@@ -181,6 +182,9 @@ pub struct DatapathOptions {
     pub command: String,
     /// Scratch directory (sockets, logs).
     pub scratch: PathBuf,
+    /// Bare tap readers run beside the configurations in direction `rx`, each repetition
+    /// ([`crate::tapfloor`]; named `floor:HOW`).
+    pub floor: Vec<FloorRead>,
 }
 
 /// One testpmd run against one configuration.
@@ -363,10 +367,8 @@ fn pin_process(pid: u32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// Floods the tap with `len`-byte frames from a packet socket until `stop`; returns how many
-/// the kernel took (the tap drops what its queue cannot hold). Runs on its own thread, which
-/// enters the namespace `ns`.
-fn flood(ns: &str, len: usize, load: RxLoad, stop: &AtomicBool) -> Result<u64> {
+/// Moves the calling thread (only) into the network namespace `ns`.
+fn enter_ns(ns: &str) -> Result<()> {
     let nsf = std::fs::File::open(format!("/var/run/netns/{ns}"))
         .map_err(BenchError::file(format!("/var/run/netns/{ns}")))?;
     // SAFETY: moves only this thread into the namespace; the fd is valid.
@@ -376,6 +378,14 @@ fn flood(ns: &str, len: usize, load: RxLoad, stop: &AtomicBool) -> Result<u64> {
             std::io::Error::last_os_error()
         )));
     }
+    Ok(())
+}
+
+/// Floods the tap with `len`-byte frames from a packet socket until `stop`; returns how many
+/// the kernel took (the tap drops what its queue cannot hold). Runs on its own thread, which
+/// enters the namespace `ns`.
+fn flood(ns: &str, len: usize, load: RxLoad, stop: &AtomicBool) -> Result<u64> {
+    enter_ns(ns)?;
     // Protocol 0: this socket sends only.
     let sock = PacketSocket::open(TAP, 0)
         .and_then(|s| {
@@ -618,6 +628,138 @@ fn run_one(
     Ok(run)
 }
 
+/// Sleeps `secs`, or less when `stop` is set.
+fn sleep_unless(stop: &AtomicBool, secs: u32) {
+    let end = Instant::now() + Duration::from_secs(secs.into());
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One run of the bare tap reader `how` on the RX flood, where a backend would be: its own
+/// namespace and tap (with the backend's virtio-net header), the same flood, the reader's
+/// thread on the backend's CPU at full and even load; its thread's CPU time is the
+/// "backend CPU". Nothing goes to a guest.
+fn run_floor(
+    opts: &DatapathOptions,
+    how: FloorRead,
+    ci: usize,
+    rep: u32,
+    stop: &AtomicBool,
+) -> Result<DatapathRun> {
+    let ns = format!("vnbd{}rxc{ci}r{rep}", std::process::id() % 10000);
+    sh(Command::new(opts.repo.join("ci/netns.sh")).args(["create", &ns]))?;
+    let rig = Rig {
+        repo: opts.repo.clone(),
+        ns: ns.clone(),
+        backend: None,
+        testpmd: None,
+    };
+    // Made from a thread in the namespace, which ends at once: the device stays with the fd.
+    let tap = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_ns(&ns)?;
+            let tap = vhost_net_batch::tap::Tap::open(TAP, 1)
+                .map_err(|e| BenchError::Setup(format!("tap {TAP} in {ns}: {e}")))?;
+            // What the backend sets with VIRTIO_NET_F_MRG_RXBUF / VERSION_1.
+            tap.set_vnet_hdr_len(12)
+                .map_err(|e| BenchError::Setup(format!("tap {TAP} in {ns}: {e}")))?;
+            Ok::<_, BenchError>(tap)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(BenchError::Setup("opening the tap panicked".into())))
+    })?;
+    sh(Command::new(opts.repo.join("ci/netns.sh")).args(["addr", &ns, TAP, HOST_IP]))?;
+    let moved0 = rig.tap_stat("tx_packets")?;
+    let shares_cpu = opts.rx_load != RxLoad::Partial;
+    let counts = FloorCounts::default();
+    let reader_stop = AtomicBool::new(false);
+    let flood_stop = AtomicBool::new(false);
+    let pid = std::process::id();
+    let fd = tap.queue_fd(0);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let measured = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            let pinned = if shares_cpu {
+                pin(tid, SHARED_CPU)
+            } else {
+                Ok(())
+            };
+            let _ = tid_tx.send(tid as u32);
+            pinned?;
+            tapfloor::read_until(fd, how, &reader_stop, &counts)
+                .map_err(|e| BenchError::Workload(format!("the {} floor reader: {e}", how.name())))
+        });
+        let tid = tid_rx.recv().unwrap_or(0);
+        let sender = s.spawn(|| flood(&ns, opts.frame_len.into(), opts.rx_load, &flood_stop));
+        sleep_unless(stop, opts.warmup);
+        let cpu = || {
+            (
+                procfs::thread_cpu_seconds(pid, tid).unwrap_or(0.0),
+                procfs::thread_voluntary_context_switches(pid, tid).unwrap_or(0),
+            )
+        };
+        let w0 = (Instant::now(), rig.tap_stat("tx_packets"), cpu());
+        sleep_unless(stop, opts.duration);
+        let w1 = (Instant::now(), rig.tap_stat("tx_packets"), cpu());
+        flood_stop.store(true, Ordering::Relaxed);
+        let offered = sender
+            .join()
+            .unwrap_or_else(|_| Err(BenchError::Workload("the sender panicked".into())));
+        // Let the reader take what is queued.
+        std::thread::sleep(Duration::from_millis(300));
+        reader_stop.store(true, Ordering::Relaxed);
+        let read = reader
+            .join()
+            .unwrap_or_else(|_| Err(BenchError::Workload("the floor reader panicked".into())));
+        (w0, w1, offered, read)
+    });
+    let ((t0, m0, (cpu0, waits0)), (t1, m1, (cpu1, waits1)), offered, read) = measured;
+    let moved_total = rig.tap_stat("tx_packets")?.saturating_sub(moved0);
+    drop(tap);
+    let (m0, m1, offered) = (m0?, m1?, offered?);
+    read?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(BenchError::Workload("interrupted".into()));
+    }
+    let moved = m1.saturating_sub(m0);
+    let seconds = (t1 - t0).as_secs_f64();
+    let backend_cpu_s = cpu1 - cpu0;
+    let delivered = counts.frames.load(Ordering::Relaxed);
+    let mut run = DatapathRun {
+        config: how.config(),
+        direction: Direction::Rx,
+        rep,
+        seconds,
+        offered,
+        moved_total,
+        moved,
+        delivered,
+        backend_cpu_s,
+        backend_waits: waits1.saturating_sub(waits0),
+        pps: moved as f64 / seconds,
+        per_cpu_s: if backend_cpu_s > 0.0 {
+            moved as f64 / backend_cpu_s
+        } else {
+            0.0
+        },
+        error: None,
+    };
+    if moved == 0 {
+        run.error = Some("the floor reader read no frame".into());
+    } else if delivered.abs_diff(moved_total) > SLACK {
+        // The tap counts what it handed over; the reader counts what it got.
+        run.error = Some(format!(
+            "the tap handed over {moved_total} frames but the reader counted {delivered}"
+        ));
+    } else if backend_cpu_s <= 0.0 {
+        run.error = Some("the floor reader used no CPU time".into());
+    }
+    Ok(run)
+}
+
 /// Runs the campaign: every direction, every configuration `reps` times, interleaved.
 pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCampaign> {
     if opts.configs.is_empty() || opts.directions.is_empty() {
@@ -654,21 +796,41 @@ pub fn run(opts: &DatapathOptions, stop: &Arc<AtomicBool>) -> Result<DatapathCam
         runs: Vec::new(),
         interrupted: false,
     };
-    let total = opts.reps as usize * opts.configs.len() * opts.directions.len();
+    let floors = if opts.directions.contains(&Direction::Rx) {
+        opts.floor.as_slice()
+    } else {
+        &[]
+    };
+    camp.configs.extend(floors.iter().map(|how| how.config()));
+    let total = opts.reps as usize * (opts.configs.len() * opts.directions.len() + floors.len());
+    // What one repetition runs in one direction: each configuration, then (RX) each floor.
+    enum Item<'a> {
+        Config(&'a Backend),
+        Floor(FloorRead),
+    }
     for rep in 1..=opts.reps {
         for &d in &opts.directions {
-            for (ci, cfg) in opts.configs.iter().enumerate() {
+            let items = opts.configs.iter().map(Item::Config).chain(
+                floors
+                    .iter()
+                    .filter(|_| d == Direction::Rx)
+                    .map(|&how| Item::Floor(how)),
+            );
+            for (ci, item) in items.enumerate() {
                 if stop.load(Ordering::Relaxed) {
                     camp.interrupted = true;
                     return Ok(camp);
                 }
-                let r = run_one(opts, cfg, d, ci, rep, stop);
+                let (r, name) = match item {
+                    Item::Config(cfg) => (run_one(opts, cfg, d, ci, rep, stop), cfg.name()),
+                    Item::Floor(how) => (run_floor(opts, how, ci, rep, stop), how.config()),
+                };
                 if stop.load(Ordering::Relaxed) {
                     camp.interrupted = true;
                     return Ok(camp);
                 }
                 let run = r.unwrap_or_else(|e| DatapathRun {
-                    config: cfg.name(),
+                    config: name,
                     direction: d,
                     rep,
                     seconds: 0.0,
@@ -755,6 +917,12 @@ pub fn markdown(c: &DatapathCampaign) -> String {
         c.duration,
         c.configs.first().map(String::as_str).unwrap_or("-")
     );
+    if c.configs.iter().any(|n| n.starts_with("floor:")) {
+        s += "`floor:HOW` rows are no backend: a thread of vnb-bench reads the flooded tap the \
+              way HOW says and copies each frame into a buffer, with no virtio work at all \
+              (`bench/src/tapfloor.rs`), on the backend's CPU. Their \"backend\" CPU is that \
+              thread's: what any tap reader pays per frame.\n\n";
+    }
     if c.interrupted {
         s += "**Interrupted**: the campaign was cut short; the runs below are complete.\n\n";
     }

@@ -28,3 +28,4 @@ pub mod parse;
 pub mod report;
 pub mod runner;
 pub mod stats;
+pub mod tapfloor;

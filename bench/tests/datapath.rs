@@ -25,6 +25,8 @@ fn datapath_campaign_measures_every_configuration() {
                 "self={} serve --vm ext --socket {{socket}} --tap {{tap}} --mac {{mac}} --mode off --log warn",
                 vnb.display()
             ),
+            "--floor",
+            "batch,multishot",
             "--reps",
             "1",
             "--duration",
@@ -39,18 +41,35 @@ fn datapath_campaign_measures_every_configuration() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "vnb-bench datapath failed:\n{stderr}");
-    assert!(stderr.contains("[6/6]"), "progress lines: {stderr}");
+    assert!(stderr.contains("[8/8]"), "progress lines: {stderr}");
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(
         json["configs"],
-        serde_json::json!(["off", "adaptive:1000", "ext:self"])
+        serde_json::json!([
+            "off",
+            "adaptive:1000",
+            "ext:self",
+            "floor:batch",
+            "floor:multishot"
+        ])
     );
     assert_eq!(json["directions"], serde_json::json!(["tx", "rx"]));
     assert_eq!(json["rx_load"], "full", "the default RX load");
     let runs = json["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 6, "3 configurations × 2 directions");
+    assert_eq!(
+        runs.len(),
+        8,
+        "3 configurations × 2 directions, 2 bare tap readers on rx"
+    );
+    for floor in ["floor:batch", "floor:multishot"] {
+        assert!(
+            runs.iter()
+                .any(|r| r["config"] == floor && r["direction"] == "rx"),
+            "no rx run of {floor}"
+        );
+    }
     for r in runs {
         let what = format!("{} {}", r["direction"], r["config"]);
         assert!(r["error"].is_null(), "{what}: {}", r["error"]);
@@ -70,7 +89,8 @@ fn datapath_campaign_measures_every_configuration() {
             window <= total && total <= offered + 100,
             "{what}: window {window}, whole run {total}, offered {offered}"
         );
-        // Nothing the backend took is lost on the way to the far end.
+        // Nothing the backend took is lost on the way to the far end (a bare reader's far end
+        // is its own count).
         assert!(
             delivered * 10 >= total * 9 && delivered <= total + 100,
             "{what}: moved {total}, delivered {delivered}"
@@ -101,6 +121,9 @@ fn datapath_campaign_measures_every_configuration() {
         "| off | 1 |",
         "| adaptive:1000 | 1 |",
         "| ext:self | 1 |",
+        "| floor:batch | 1 |",
+        "| floor:multishot | 1 |",
+        "`floor:HOW` rows are no backend",
         "1.000 (1.000–1.000)",
         "RX load: `full`",
         "Rerun:",
@@ -120,6 +143,11 @@ fn datapath_refuses_bad_arguments_before_starting() {
         (&["--directions", "up"][..], "unknown direction"),
         (&["--frame-len", "9000"][..], "60 to 1514"),
         (&["--rx-load", "medium"][..], "unknown RX load"),
+        (&["--floor", "uring"][..], "unknown floor reader"),
+        (
+            &["--floor", "batch", "--directions", "tx"][..],
+            "add rx to --directions",
+        ),
     ] {
         let out = Command::new(vnb_bench())
             .arg("datapath")

@@ -106,6 +106,17 @@ pub fn voluntary_context_switches(pid: u32) -> io::Result<u64> {
     threads_switches(pid, Switches::Voluntary)
 }
 
+/// User + system CPU seconds of thread `tid` of process `pid`.
+pub fn thread_cpu_seconds(pid: u32, tid: u32) -> io::Result<f64> {
+    Ok(Task::Thread { pid, tid }.cpu_ticks(Path::new("/proc"))? as f64 / clock_ticks_per_second())
+}
+
+/// Voluntary context switches of thread `tid` of process `pid`.
+pub fn thread_voluntary_context_switches(pid: u32, tid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))?;
+    Ok(status_switches(&status, Switches::Voluntary))
+}
+
 /// Which context switches to count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Switches {
@@ -208,5 +219,47 @@ mod tests {
         assert!(rss_kib(me).unwrap() > 0);
         assert!(fd_count(me).unwrap() >= 3);
         assert!(cpu_seconds(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn one_thread_figures_are_that_thread_s() {
+        let me = std::process::id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let own_cpu = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: ts is valid for the call.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            };
+            // Burn 300 ms of this thread's CPU, then sleep 20 times.
+            while own_cpu() < 0.3 {
+                std::hint::black_box(0u64);
+            }
+            for _ in 0..20 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // SAFETY: gettid has no preconditions.
+            let _ = tx.send(unsafe { libc::gettid() } as u32);
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        // This thread burns as much: the process's figure is twice the thread's.
+        let start = cpu_seconds(me).unwrap();
+        while cpu_seconds(me).unwrap() < start + 0.3 {
+            std::hint::black_box(0u64);
+        }
+        let cpu = thread_cpu_seconds(me, tid).unwrap();
+        let waits = thread_voluntary_context_switches(me, tid).unwrap();
+        // Its own figures: 300 ms in 10 ms ticks.
+        assert!((0.28..0.4).contains(&cpu), "{cpu} s");
+        assert!(waits >= 20, "{waits}");
+        assert!(thread_cpu_seconds(me, u32::MAX).is_err());
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 }

@@ -120,6 +120,11 @@ struct DatapathArgs {
     /// Seconds testpmd runs before the measurement starts (default 3).
     #[arg(long, default_value_t = 3)]
     warmup: u32,
+    /// Bare tap readers to run beside the configurations in direction rx, each repetition, on
+    /// the same flood: readv, batch, multishot (`floor:HOW` in the report). They do no
+    /// virtio work: what every tap reader pays per frame. multishot needs Linux 6.7+.
+    #[arg(long, value_delimiter = ',')]
+    floor: Vec<bench::tapfloor::FloorRead>,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -302,6 +307,11 @@ fn datapath_cmd(a: DatapathArgs) -> Result<()> {
             "--reps and --duration must be at least 1".into(),
         ));
     }
+    if !a.floor.is_empty() && !a.directions.contains(&datapath::Direction::Rx) {
+        return Err(BenchError::Input(
+            "--floor measures tap readers: add rx to --directions".into(),
+        ));
+    }
     let vnb = checked_vnb_bin(&configs)?;
     let stop = stop_flag()?;
     let scratch = std::env::temp_dir().join(format!("vnb-bench-dp-{}", std::process::id()));
@@ -317,6 +327,7 @@ fn datapath_cmd(a: DatapathArgs) -> Result<()> {
         vnb_bin: vnb,
         command: bench::model::shell_command(&std::env::args().collect::<Vec<_>>()),
         scratch: scratch.clone(),
+        floor: a.floor,
     };
     let result = datapath::run(&opts, &stop);
     let _ = std::fs::remove_dir_all(&scratch);
