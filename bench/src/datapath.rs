@@ -517,12 +517,7 @@ fn run_one(
                 source,
             })?,
     );
-    let sleep = |secs: u32| {
-        let end = Instant::now() + Duration::from_secs(secs.into());
-        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let sleep = |secs: u32| sleep_unless(stop, secs);
     let flood_stop = AtomicBool::new(false);
     // The backend shares the flood's CPU at full and even load.
     let shares_cpu = dir_kind == Direction::Rx && opts.rx_load != RxLoad::Partial;

@@ -16,7 +16,6 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use io_uring::{cqueue, opcode, types, IoUring};
-use serde::{Deserialize, Serialize};
 use vhost_net_batch::datapath::MAX_FRAME;
 use vhost_net_batch::read_ahead::READ_AHEAD;
 
@@ -35,8 +34,7 @@ const GROUP: u16 = 1;
 const MULTISHOT: u64 = 1;
 
 /// How the floor reader takes frames from the tap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FloorRead {
     /// One `readv` per frame, straight into the slot.
     Readv,
