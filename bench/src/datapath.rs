@@ -224,6 +224,50 @@ pub struct DatapathRun {
     pub error: Option<String>,
 }
 
+/// What one run's measured window saw.
+struct Window {
+    /// Its length, s.
+    seconds: f64,
+    /// Frames moved in it.
+    moved: u64,
+    /// The backend's (or floor reader's) CPU time in it, s.
+    cpu_s: f64,
+    /// Its voluntary context switches in it.
+    waits: u64,
+}
+
+impl DatapathRun {
+    /// The record of a run that ran: the whole run's `(offered, moved_total, delivered)`
+    /// and its window; the rates follow from the window.
+    fn measured(
+        config: String,
+        direction: Direction,
+        rep: u32,
+        (offered, moved_total, delivered): (u64, u64, u64),
+        w: Window,
+    ) -> Self {
+        DatapathRun {
+            config,
+            direction,
+            rep,
+            seconds: w.seconds,
+            offered,
+            moved_total,
+            moved: w.moved,
+            delivered,
+            backend_cpu_s: w.cpu_s,
+            backend_waits: w.waits,
+            pps: w.moved as f64 / w.seconds,
+            per_cpu_s: if w.cpu_s > 0.0 {
+                w.moved as f64 / w.cpu_s
+            } else {
+                0.0
+            },
+            error: None,
+        }
+    }
+}
+
 /// A whole `datapath` campaign.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatapathCampaign {
@@ -584,25 +628,18 @@ fn run_one(
     let moved = m1.saturating_sub(m0);
     let seconds = (t1 - t0).as_secs_f64();
     let backend_cpu_s = cpu1 - cpu0;
-    let mut run = DatapathRun {
-        config: cfg.name(),
-        direction: dir_kind,
+    let mut run = DatapathRun::measured(
+        cfg.name(),
+        dir_kind,
         rep,
-        seconds,
-        offered,
-        moved_total,
-        moved,
-        delivered,
-        backend_cpu_s,
-        backend_waits: waits1.saturating_sub(waits0),
-        pps: moved as f64 / seconds,
-        per_cpu_s: if backend_cpu_s > 0.0 {
-            moved as f64 / backend_cpu_s
-        } else {
-            0.0
+        (offered, moved_total, delivered),
+        Window {
+            seconds,
+            moved,
+            cpu_s: backend_cpu_s,
+            waits: waits1.saturating_sub(waits0),
         },
-        error: None,
-    };
+    );
     if moved == 0 {
         run.error = Some(format!(
             "the backend moved no frame; testpmd said:\n{log_text}"
@@ -723,25 +760,18 @@ fn run_floor(
     let seconds = (t1 - t0).as_secs_f64();
     let backend_cpu_s = cpu1 - cpu0;
     let delivered = counts.frames.load(Ordering::Relaxed);
-    let mut run = DatapathRun {
-        config: how.config(),
-        direction: Direction::Rx,
+    let mut run = DatapathRun::measured(
+        how.config(),
+        Direction::Rx,
         rep,
-        seconds,
-        offered,
-        moved_total,
-        moved,
-        delivered,
-        backend_cpu_s,
-        backend_waits: waits1.saturating_sub(waits0),
-        pps: moved as f64 / seconds,
-        per_cpu_s: if backend_cpu_s > 0.0 {
-            moved as f64 / backend_cpu_s
-        } else {
-            0.0
+        (offered, moved_total, delivered),
+        Window {
+            seconds,
+            moved,
+            cpu_s: backend_cpu_s,
+            waits: waits1.saturating_sub(waits0),
         },
-        error: None,
-    };
+    );
     if moved == 0 {
         run.error = Some("the floor reader read no frame".into());
     } else if delivered.abs_diff(moved_total) > SLACK {

@@ -270,8 +270,9 @@ impl Drop for BufRing {
 }
 
 fn read_multishot(fd: RawFd, stop: &AtomicBool, counts: &FloorCounts) -> io::Result<()> {
-    // Declared before the ring, so dropped after it on every return.
-    let bufs = vec![0u8; MULTISHOT_BUFS * MAX_FRAME];
+    // Declared before the ring, so dropped after it on every return. The kernel writes into
+    // it: its address is taken from a mutable pointer.
+    let mut bufs = vec![0u8; MULTISHOT_BUFS * MAX_FRAME];
     let br = BufRing::new(MULTISHOT_BUFS)?;
     // Reads run only when this thread enters the ring (DEFER_TASKRUN): the kernel touches the
     // buffers only within `submit_with_args`.
@@ -294,7 +295,7 @@ fn read_multishot(fd: RawFd, stop: &AtomicBool, counts: &FloorCounts) -> io::Res
     .map_err(|e| io::Error::new(e.kind(), format!("provided-buffer ring (Linux 5.19+): {e}")))?;
     let mask = MULTISHOT_BUFS as u16 - 1;
     let mut tail: u16 = 0;
-    let base = bufs.as_ptr() as u64;
+    let base = bufs.as_mut_ptr() as u64;
     let give = |bid: u16, tail: &mut u16| {
         // SAFETY: `tail & mask` indexes the ring's MULTISHOT_BUFS entries; the kernel reads an
         // entry only after the tail store that publishes it.
