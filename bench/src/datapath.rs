@@ -236,6 +236,29 @@ struct Window {
     waits: u64,
 }
 
+impl Window {
+    /// Measures `secs` (less when `stop` is set) of `rig`'s tap counter `stat` and of the
+    /// `(CPU seconds, voluntary context switches)` that `cpu` reads.
+    fn measure(
+        rig: &Rig,
+        stat: &str,
+        stop: &AtomicBool,
+        secs: u32,
+        cpu: impl Fn() -> (f64, u64),
+    ) -> Result<Window> {
+        let snapshot = || (Instant::now(), rig.tap_stat(stat), cpu());
+        let (t0, m0, (cpu0, waits0)) = snapshot();
+        sleep_unless(stop, secs);
+        let (t1, m1, (cpu1, waits1)) = snapshot();
+        Ok(Window {
+            seconds: (t1 - t0).as_secs_f64(),
+            moved: m1?.saturating_sub(m0?),
+            cpu_s: cpu1 - cpu0,
+            waits: waits1.saturating_sub(waits0),
+        })
+    }
+}
+
 impl DatapathRun {
     /// The record of a run that ran: the whole run's `(offered, moved_total, delivered)`
     /// and its window; the rates follow from the window.
@@ -586,18 +609,16 @@ fn run_one(
                 procfs::voluntary_context_switches(pid).unwrap_or(0),
             )
         };
-        let w0 = (Instant::now(), rig.tap_stat(stat), cpu());
-        sleep(opts.duration);
-        let w1 = (Instant::now(), rig.tap_stat(stat), cpu());
+        let window = Window::measure(&rig, stat, stop, opts.duration, cpu);
         flood_stop.store(true, Ordering::Relaxed);
         let offered = sender.map(|h| {
             h.join()
                 .unwrap_or_else(|_| Err(BenchError::Workload("the sender panicked".into())))
         });
-        (w0, w1, offered)
+        (window, offered)
     });
-    let ((t0, m0, (cpu0, waits0)), (t1, m1, (cpu1, waits1)), flooded) = measured;
-    let (m0, m1) = (m0?, m1?);
+    let (window, flooded) = measured;
+    let window = window?;
     let flooded = flooded.transpose()?;
     if stop.load(Ordering::Relaxed) {
         return Err(BenchError::Workload("interrupted".into()));
@@ -625,20 +646,13 @@ fn run_one(
         Direction::Tx => (total("TX-packets:")?, moved_total),
         Direction::Rx => (flooded.unwrap_or(0), total("RX-packets:")?),
     };
-    let moved = m1.saturating_sub(m0);
-    let seconds = (t1 - t0).as_secs_f64();
-    let backend_cpu_s = cpu1 - cpu0;
+    let (moved, backend_cpu_s) = (window.moved, window.cpu_s);
     let mut run = DatapathRun::measured(
         cfg.name(),
         dir_kind,
         rep,
         (offered, moved_total, delivered),
-        Window {
-            seconds,
-            moved,
-            cpu_s: backend_cpu_s,
-            waits: waits1.saturating_sub(waits0),
-        },
+        window,
     );
     if moved == 0 {
         run.error = Some(format!(
@@ -733,9 +747,7 @@ fn run_floor(
                 procfs::thread_voluntary_context_switches(pid, tid).unwrap_or(0),
             )
         };
-        let w0 = (Instant::now(), rig.tap_stat("tx_packets"), cpu());
-        sleep_unless(stop, opts.duration);
-        let w1 = (Instant::now(), rig.tap_stat("tx_packets"), cpu());
+        let window = Window::measure(&rig, "tx_packets", stop, opts.duration, cpu);
         flood_stop.store(true, Ordering::Relaxed);
         let offered = sender
             .join()
@@ -746,31 +758,24 @@ fn run_floor(
         let read = reader
             .join()
             .unwrap_or_else(|_| Err(BenchError::Workload("the floor reader panicked".into())));
-        (w0, w1, offered, read)
+        (window, offered, read)
     });
-    let ((t0, m0, (cpu0, waits0)), (t1, m1, (cpu1, waits1)), offered, read) = measured;
+    let (window, offered, read) = measured;
     let moved_total = rig.tap_stat("tx_packets")?.saturating_sub(moved0);
     drop(tap);
-    let (m0, m1, offered) = (m0?, m1?, offered?);
+    let (window, offered) = (window?, offered?);
     read?;
     if stop.load(Ordering::Relaxed) {
         return Err(BenchError::Workload("interrupted".into()));
     }
-    let moved = m1.saturating_sub(m0);
-    let seconds = (t1 - t0).as_secs_f64();
-    let backend_cpu_s = cpu1 - cpu0;
+    let (moved, backend_cpu_s) = (window.moved, window.cpu_s);
     let delivered = counts.frames.load(Ordering::Relaxed);
     let mut run = DatapathRun::measured(
         how.config(),
         Direction::Rx,
         rep,
         (offered, moved_total, delivered),
-        Window {
-            seconds,
-            moved,
-            cpu_s: backend_cpu_s,
-            waits: waits1.saturating_sub(waits0),
-        },
+        window,
     );
     if moved == 0 {
         run.error = Some("the floor reader read no frame".into());
