@@ -8,7 +8,8 @@
 //! ([`TapIo::batches_reads`]), read ahead into the path's own buffers and copied from there
 //! ([`crate::read_ahead`]). The part of a frame larger than its first mergeable buffer is placed
 //! in further buffers from a per-queue scratch buffer allocated once, or from its read-ahead
-//! buffer.
+//! buffer. The RX path stores the used index once per [`USED_PUBLISH`] entries and when it
+//! returns, not with every entry: the guest's driver polls that index from another CPU.
 //!
 //! Every loop the guest drives is bounded: a run moves at most a budget of chains (good or bad)
 //! and walks at most [`RUN_DESC_BUDGET`] descriptors, a chain has at most [`MAX_CHAIN_DESCS`]
@@ -605,6 +606,92 @@ fn unpop(q: &mut Queue) {
     q.set_next_avail(q.next_avail().wrapping_sub(1));
 }
 
+/// Used entries the RX path writes before it stores the used index, which the guest's driver
+/// polls from another CPU: storing it once per this many entries (and at the end of every call
+/// that added some) instead of once per frame keeps that cache line from moving between the
+/// two CPUs per frame. Like `VHOST_NET_BATCH`; it is also the read-ahead batch.
+pub const USED_PUBLISH: u16 = crate::read_ahead::READ_AHEAD as u16;
+
+/// The device's side of the RX ring's used ring: `virtio-queue`'s `add_used` stores the used
+/// index with every entry; this writes the entry and stores the index once per
+/// [`USED_PUBLISH`] entries and whenever the path returns ([`UsedRing::publish`]), so the
+/// guest never sees a used index ahead of its entries and every entry is visible once the
+/// path lets go of the ring. It also counts the entries added since the last interrupt
+/// decision, which `Queue::needs_notification` can no longer count ([`UsedRing::should_notify`]).
+#[derive(Debug, Default)]
+struct UsedRing {
+    /// Entries written since the used index was last stored.
+    unpublished: u16,
+    /// Entries added since the last interrupt decision.
+    added: u32,
+}
+
+impl UsedRing {
+    /// Writes the used entry `(head, len)` at the queue's next used slot, as `add_used` does
+    /// (the same bound check on `head`; nothing changes when it fails).
+    fn add<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        head: u16,
+        len: u32,
+    ) -> Result<(), ()> {
+        if head >= q.size() {
+            return Err(());
+        }
+        let slot = u64::from(q.next_used() % q.size());
+        let addr = q.used_ring().checked_add(4 + 8 * slot).ok_or(())?;
+        // `struct virtq_used_elem { le32 id; le32 len; }`
+        let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
+        mem.write_obj(elem, GuestAddress(addr)).map_err(|_| ())?;
+        q.set_next_used(q.next_used().wrapping_add(1));
+        self.added = self.added.saturating_add(1);
+        self.unpublished += 1;
+        if self.unpublished >= USED_PUBLISH {
+            self.publish(q, mem);
+        }
+        Ok(())
+    }
+
+    /// Stores the used index (release: after the entries and the buffers they name).
+    fn publish<M: GuestMemoryBackend>(&mut self, q: &Queue, mem: &M) {
+        if self.unpublished == 0 {
+            return;
+        }
+        self.unpublished = 0;
+        if let Some(addr) = q.used_ring().checked_add(2) {
+            let _ = mem.store(
+                q.next_used().to_le(),
+                GuestAddress(addr),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+    }
+
+    /// Whether the guest wants an interrupt for the entries added since the last call: with
+    /// EVENT_IDX, whether they crossed its `used_event` (`vring_need_event`), counting them
+    /// here as `Queue::needs_notification` counts its own `add_used`s; without it, the flags
+    /// ([`should_notify`]).
+    fn should_notify<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        notify_on_empty: bool,
+    ) -> bool {
+        self.publish(q, mem);
+        let added = std::mem::take(&mut self.added);
+        if !q.event_idx_enabled() {
+            return should_notify(q, mem, notify_on_empty);
+        }
+        // The used index stores before, the `used_event` load after.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let Some(event) = used_event(q, mem) else {
+            return true;
+        };
+        u32::from(q.next_used().wrapping_sub(event).wrapping_sub(1)) < added
+    }
+}
+
 /// Result of one TX run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TxRun {
@@ -874,7 +961,6 @@ enum Stall {
 pub struct RxPath {
     iov: Vec<libc::iovec>,
     segs: Vec<Seg>,
-    seg_scratch: Vec<Seg>,
     /// Segments of a pending frame's first chain.
     first_segs: Vec<Seg>,
     /// A pending frame's further chains: head and bytes placed.
@@ -883,6 +969,8 @@ pub struct RxPath {
     pending: Option<PendingRx>,
     /// Frames read ahead, for a tap that reads many per call.
     ahead: ReadAhead,
+    /// The used ring's device side.
+    used: UsedRing,
     /// Frames the last run read from the tap.
     last_run_reads: usize,
     /// Frames a run reads one at a time before it reads ahead ([`AHEAD_AFTER`]).
@@ -916,12 +1004,12 @@ impl RxPath {
         RxPath {
             iov: Vec::with_capacity(64),
             segs: Vec::with_capacity(64),
-            seg_scratch: Vec::with_capacity(64),
             first_segs: Vec::with_capacity(64),
             extra: Vec::with_capacity(64),
             scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
             pending: None,
             ahead: ReadAhead::new(),
+            used: UsedRing::default(),
             last_run_reads: 0,
             ahead_after: AHEAD_AFTER,
             log_writes: false,
@@ -970,6 +1058,19 @@ impl RxPath {
         frame: &[u8],
         counts: &mut PathCounts,
     ) -> Result<(), DeliverError> {
+        let r = self.deliver_one(q, mem, hdr, frame, counts);
+        self.used.publish(q, mem);
+        r
+    }
+
+    fn deliver_one<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        hdr: HdrLayout,
+        frame: &[u8],
+        counts: &mut PathCounts,
+    ) -> Result<(), DeliverError> {
         if self.pending.is_some() {
             return Err(DeliverError::Busy);
         }
@@ -999,7 +1100,9 @@ impl RxPath {
                 {
                     counts.bad_chain(head, ChainError::OutOfMemory);
                 }
-                if q.add_used(mem, head, (hdr.len + frame.len()) as u32)
+                if self
+                    .used
+                    .add(q, mem, head, (hdr.len + frame.len()) as u32)
                     .is_ok()
                 {
                     counts.used += 1;
@@ -1012,7 +1115,7 @@ impl RxPath {
             }
             Err(e) => {
                 counts.bad_chain(head, e);
-                if q.add_used(mem, head, 0).is_ok() {
+                if self.used.add(q, mem, head, 0).is_ok() {
                     counts.used += 1;
                 }
                 Err(DeliverError::BadChain)
@@ -1022,6 +1125,30 @@ impl RxPath {
 
     /// Moves up to `budget` frames from the tap into the RX ring.
     pub fn run<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        tap: &mut impl TapIo,
+        hdr: HdrLayout,
+        budget: usize,
+    ) -> RxRun {
+        let out = self.run_frames(q, mem, tap, hdr, budget);
+        self.used.publish(q, mem);
+        out
+    }
+
+    /// Whether the guest wants an interrupt for the used entries this path added since it was
+    /// last asked ([`should_notify`], which cannot count them on this path's ring).
+    pub fn should_notify<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        notify_on_empty: bool,
+    ) -> bool {
+        self.used.should_notify(q, mem, notify_on_empty)
+    }
+
+    fn run_frames<M: GuestMemoryBackend>(
         &mut self,
         q: &mut Queue,
         mem: &M,
@@ -1092,7 +1219,7 @@ impl RxPath {
                 Ok(n) => n,
                 Err(e) => {
                     out.counts.bad_chain(head, e);
-                    if q.add_used(mem, head, 0).is_ok() {
+                    if self.used.add(q, mem, head, 0).is_ok() {
                         out.counts.used += 1;
                     }
                     continue;
@@ -1172,7 +1299,7 @@ impl RxPath {
                 if hdr.len == 12 && !write_segs(mem, &self.segs, 10, &1u16.to_le_bytes()) {
                     out.counts.bad_chain(head, ChainError::OutOfMemory);
                 }
-                if q.add_used(mem, head, n as u32).is_ok() {
+                if self.used.add(q, mem, head, n as u32).is_ok() {
                     out.counts.used += 1;
                 }
                 out.counts.packets += 1;
@@ -1231,13 +1358,13 @@ impl RxPath {
             rechecked = false;
             let head = chain.head_index();
             self.iov.clear();
-            self.seg_scratch.clear();
+            self.segs.clear();
             match collect_chain(
                 mem,
                 chain,
                 true,
                 &mut self.iov,
-                Some(&mut self.seg_scratch),
+                Some(&mut self.segs),
                 MAX_SEGMENTS,
                 walked,
             )
@@ -1255,7 +1382,7 @@ impl RxPath {
                         None => self.scratch.get(p.filled - p.first_len..),
                     }
                     .unwrap_or_default();
-                    if !write_segs(mem, &self.seg_scratch, 0, &rest[..take.min(rest.len())]) {
+                    if !write_segs(mem, &self.segs, 0, &rest[..take.min(rest.len())]) {
                         counts.bad_chain(head, ChainError::OutOfMemory);
                     }
                     self.extra.push((head, take as u32));
@@ -1266,7 +1393,7 @@ impl RxPath {
                     counts.dropped += 1;
                     let held = std::iter::once(p.first).chain(self.extra.iter().map(|e| e.0));
                     for h in held.chain(std::iter::once(head)) {
-                        if q.add_used(mem, h, 0).is_ok() {
+                        if self.used.add(q, mem, h, 0).is_ok() {
                             counts.used += 1;
                         }
                     }
@@ -1278,11 +1405,11 @@ impl RxPath {
         if !write_segs(mem, &self.first_segs, 10, &nbuf.to_le_bytes()) {
             counts.bad_chain(p.first, ChainError::OutOfMemory);
         }
-        if q.add_used(mem, p.first, p.first_len as u32).is_ok() {
+        if self.used.add(q, mem, p.first, p.first_len as u32).is_ok() {
             counts.used += 1;
         }
         for &(h, l) in &self.extra {
-            if q.add_used(mem, h, l).is_ok() {
+            if self.used.add(q, mem, h, l).is_ok() {
                 counts.used += 1;
             }
         }

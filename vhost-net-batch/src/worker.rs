@@ -598,7 +598,9 @@ impl Worker {
                 .observe(u64::from(self.rx_unsignalled));
             self.rx_unsignalled = 0;
         }
-        if should_notify(ring.get_queue_mut(), s.mem, s.notify_on_empty)
+        if self
+            .rx
+            .should_notify(ring.get_queue_mut(), s.mem, s.notify_on_empty)
             && ring.signal_used_queue().is_ok()
         {
             s.ctx.stats.rx_interrupts.fetch_add(1, Relaxed);

@@ -6,6 +6,7 @@ use std::io;
 use vhost_net_batch::datapath::{
     should_notify, ChainError, DeliverError, HdrLayout, PathError, RxPath, TapIo, TxPath,
     AHEAD_AFTER, CONTROL_INBOX, MAX_CHAIN_DESCS, MAX_FRAME, MAX_SEGMENTS, RUN_DESC_BUDGET,
+    USED_PUBLISH,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -1070,19 +1071,19 @@ fn event_idx_signalling_follows_used_event() {
         let mut rx = rx_path();
         rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert!(
-            !should_notify(&mut q, &m, false),
+            !rx.should_notify(&mut q, &m, false),
             "1 used entry: used_event 1 not reached"
         );
         tap.rx.push_back(frame(10, 2));
         rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert!(
-            should_notify(&mut q, &m, false),
+            rx.should_notify(&mut q, &m, false),
             "2nd entry crosses used_event"
         );
         tap.rx.push_back(frame(10, 3));
         rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
         assert!(
-            !should_notify(&mut q, &m, false),
+            !rx.should_notify(&mut q, &m, false),
             "already signalled past used_event"
         );
         // Out of buffers: EVENT_IDX re-arms RX kicks through avail_event = next_avail.
@@ -1463,5 +1464,180 @@ fn rx_writes_behind_vm_memory_are_marked_dirty_while_logging() {
             assert!(!dirty(BUF + 4 * PAGE), "a buffer the frame did not use");
             assert!(!dirty(BUF + 2 * PAGE), "past the frame's end");
         }
+    });
+}
+
+/// A tap that notes, at each read, the used index the guest can see.
+struct WatchingTap<'m> {
+    inner: FakeTap,
+    mem: &'m GuestMemoryMmap<()>,
+    used_idx: GuestAddress,
+    seen: Vec<u16>,
+}
+
+impl WatchingTap<'_> {
+    fn look(&mut self) {
+        self.seen.push(self.mem.read_obj(self.used_idx).unwrap());
+    }
+}
+
+impl TapIo for WatchingTap<'_> {
+    fn readv(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        self.look();
+        self.inner.readv(iov)
+    }
+
+    fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        self.inner.writev(iov)
+    }
+}
+
+#[test]
+fn rx_used_index_is_stored_once_per_batch_of_entries_and_when_the_run_ends() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048; 48], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let frames: Vec<_> = (0..40).map(|i| frame(60, i as u8)).collect();
+    let mut tap = WatchingTap {
+        inner: FakeTap {
+            rx: frames.iter().cloned().collect(),
+            ..Default::default()
+        },
+        mem: &m,
+        used_idx: GuestAddress(q.used_ring() + 2),
+        seen: Vec::new(),
+    };
+    let mut rx = rx_path();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 40);
+    // Read k comes after k entries were written; the guest sees them 16 at a time: 0 at the
+    // first 16 reads, 16 at the next 16, 32 at the last 9 (the last one found the tap empty).
+    assert_eq!(USED_PUBLISH, 16);
+    let want: Vec<u16> = [(0, 16), (16, 16), (32, 9)]
+        .iter()
+        .flat_map(|&(idx, reads)| std::iter::repeat_n(idx, reads))
+        .collect();
+    assert_eq!(tap.seen, want);
+    // The run's end publishes the rest.
+    let all: Vec<_> = (0..40)
+        .map(|i| (i, frames[i as usize].len() as u32))
+        .collect();
+    assert_eq!(used(&m, &q), all);
+    assert_eq!(q.next_avail(), 40);
+}
+
+#[test]
+fn event_idx_signalling_counts_the_entries_of_every_run_since_the_last_decision() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[2048; 8], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    q.set_event_idx(true);
+    // An interrupt once the used index passes 0 (after the first entry).
+    m.write_obj(0u16, GuestAddress(q.avail_ring() + 4 + 2 * QSIZE as u64))
+        .unwrap();
+    let mut tap = FakeTap::default();
+    let mut rx = rx_path();
+    // Two runs of one frame each, the interrupt decided after both (a deferred signal): the
+    // first run's entry crossed it.
+    for seed in 0..2 {
+        tap.rx.push_back(frame(10, seed));
+        rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    }
+    assert!(rx.should_notify(&mut q, &m, false), "entry 1 crossed it");
+    assert!(!rx.should_notify(&mut q, &m, false), "nothing added since");
+    // A device-made frame counts too.
+    m.write_obj(2u16, GuestAddress(q.avail_ring() + 4 + 2 * QSIZE as u64))
+        .unwrap();
+    let mut counts = Default::default();
+    let reply = [0u8; 60];
+    rx.deliver(&mut q, &m, HdrLayout::default(), &reply, &mut counts)
+        .unwrap();
+    assert_eq!(used(&m, &q).len(), 3, "published when deliver returns");
+    assert!(rx.should_notify(&mut q, &m, false), "entry 3 crossed 2");
+}
+
+#[test]
+fn rx_a_merged_frame_takes_only_the_chains_it_fills() {
+    both_reads(|_| {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        // A small first buffer, then large ones: the frame needs three of the 21.
+        let mut bufs = vec![100];
+        bufs.extend([1500; 20]);
+        rx_setup(&m, &vq, &bufs, 0);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let big = frame(3000, 8); // 3012 bytes: 100 + 1500 + 1412
+        let mut tap = FakeTap {
+            rx: VecDeque::from([big.clone()]),
+            ..Default::default()
+        };
+        let mut rx = rx_path();
+        let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!((r.counts.packets, r.counts.bad_chains), (1, 0));
+        assert_eq!(used(&m, &q), vec![(0, 100), (1, 1500), (2, 1412)]);
+        assert_eq!(
+            q.next_avail(),
+            3,
+            "the chains not used are the guest's again"
+        );
+        let mut got = read_guest(&m, BUF, 100);
+        got.extend(read_guest(&m, BUF + 0x10000, 1500));
+        got.extend(read_guest(&m, BUF + 0x20000, 1412));
+        got[10] = 0;
+        assert_eq!(got, big);
+        // The next frame takes the next chain.
+        let small = frame(50, 9);
+        tap.rx.push_back(small.clone());
+        rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!(used(&m, &q)[3], (3, small.len() as u32));
+        assert_eq!(q.next_avail(), 4);
+    });
+}
+
+#[test]
+fn rx_a_further_chain_of_as_many_segments_as_a_read_takes_is_used() {
+    both_reads(|_| {
+        // A frame's first chain keeps one iovec for the scratch buffer (one of MAX_SEGMENTS
+        // segments is refused, above); a further chain does not, so one of MAX_SEGMENTS
+        // segments holds the rest of a merged frame.
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, QSIZE);
+        let table = BUF + 0x40_0000;
+        let n = MAX_SEGMENTS as u64;
+        for i in 0..n {
+            let flags = if i + 1 < n { W | N } else { W };
+            m.write_obj(
+                d(BUF + 0x20_0000 + i, 1, flags, (i + 1) as u16),
+                GuestAddress(table + 16 * i),
+            )
+            .unwrap();
+        }
+        publish(
+            &m,
+            &vq,
+            &[
+                (0, d(BUF, 20, W, 0)),
+                (
+                    1,
+                    d(table, (16 * n) as u32, VRING_DESC_F_INDIRECT as u16, 0),
+                ),
+            ],
+            &[0, 1],
+        );
+        let mut q: Queue = vq.create_queue().unwrap();
+        let f = frame(20 + MAX_SEGMENTS - 12, 10); // 20 + MAX_SEGMENTS bytes
+        let mut tap = FakeTap {
+            rx: VecDeque::from([f.clone()]),
+            ..Default::default()
+        };
+        let r = rx_path().run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+        assert_eq!((r.counts.packets, r.counts.bad_chains), (1, 0));
+        assert_eq!(used(&m, &q), vec![(0, 20), (1, MAX_SEGMENTS as u32)]);
+        assert_eq!(
+            read_guest(&m, BUF + 0x20_0000, MAX_SEGMENTS),
+            f[20..].to_vec()
+        );
     });
 }

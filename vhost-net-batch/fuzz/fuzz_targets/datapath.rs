@@ -1459,13 +1459,18 @@ impl World {
         self.check_rx_accounting();
     }
 
-    /// Signalling helpers: they touch nothing but the used ring.
+    /// Signalling helpers: they touch nothing but the used ring (and the RX path's count of
+    /// entries since its last decision).
     fn notify(&mut self, rx: bool, which: u8) {
         self.take_pre();
         let mem = &self.mem;
         let q = if rx { &mut self.rxq } else { &mut self.txq };
         let (na, nu) = (q.q.next_avail(), q.q.next_used());
         match which % 5 {
+            // The RX ring's entries are counted by the RX path, which decides for it.
+            0 | 1 if rx => {
+                let _ = self.rx.should_notify(&mut q.q, mem, which % 5 == 1);
+            }
             0 => {
                 let _ = should_notify(&mut q.q, mem, false);
             }
