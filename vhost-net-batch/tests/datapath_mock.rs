@@ -546,6 +546,20 @@ fn tx_full_step_of_many_segment_frames_all_move() {
     assert_eq!(tap.tx, frames);
 }
 
+/// Writes at `table` an indirect table of `n` chained device-writable descriptors, the `i`th
+/// one at guest address and length `seg(i)`.
+fn writable_table(m: &GuestMemoryMmap<()>, table: u64, n: u64, seg: impl Fn(u64) -> (u64, u32)) {
+    for i in 0..n {
+        let flags = if i + 1 < n { W | N } else { W };
+        let (addr, len) = seg(i);
+        m.write_obj(
+            d(addr, len, flags, (i + 1) as u16),
+            GuestAddress(table + 16 * i),
+        )
+        .unwrap();
+    }
+}
+
 #[test]
 fn rx_chain_with_more_segments_than_one_read_takes_is_refused_and_counted() {
     both_reads(|_| {
@@ -555,14 +569,7 @@ fn rx_chain_with_more_segments_than_one_read_takes_is_refused_and_counted() {
         let vq = MockSplitQueue::new(&m, QSIZE);
         let table = BUF + 0x40_0000;
         let n = MAX_SEGMENTS as u64;
-        for i in 0..n {
-            let flags = if i + 1 < n { W | N } else { W };
-            m.write_obj(
-                d(BUF + 16 * i, 16, flags, (i + 1) as u16),
-                GuestAddress(table + 16 * i),
-            )
-            .unwrap();
-        }
+        writable_table(&m, table, n, |i| (BUF + 16 * i, 16));
         publish(
             &m,
             &vq,
@@ -1606,14 +1613,7 @@ fn rx_a_further_chain_of_as_many_segments_as_a_read_takes_is_used() {
         let vq = MockSplitQueue::new(&m, QSIZE);
         let table = BUF + 0x40_0000;
         let n = MAX_SEGMENTS as u64;
-        for i in 0..n {
-            let flags = if i + 1 < n { W | N } else { W };
-            m.write_obj(
-                d(BUF + 0x20_0000 + i, 1, flags, (i + 1) as u16),
-                GuestAddress(table + 16 * i),
-            )
-            .unwrap();
-        }
+        writable_table(&m, table, n, |i| (BUF + 0x20_0000 + i, 1));
         publish(
             &m,
             &vq,
