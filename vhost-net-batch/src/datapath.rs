@@ -577,10 +577,17 @@ pub fn interrupts_off<M: GuestMemoryBackend>(q: &Queue, mem: &M) -> bool {
 ///
 /// With EVENT_IDX this is the `used_event` test; without it, `VRING_AVAIL_F_NO_INTERRUPT`
 /// suppresses it unless `notify_on_empty` is negotiated and the avail ring is empty.
+///
+/// For rings whose entries `Queue::add_used` added (TX). Not for an RX ring served by
+/// [`RxPath`], which adds its own: with EVENT_IDX this would never see them and never
+/// signal; ask [`RxPath::should_notify`].
 pub fn should_notify<M: GuestMemoryBackend>(q: &mut Queue, mem: &M, notify_on_empty: bool) -> bool {
     if q.event_idx_enabled() {
         return q.needs_notification(mem).unwrap_or(true);
     }
+    // The used index stores before, the flags load after (the guest's side of this: it
+    // clears the flag, then reads the used index).
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     if !interrupts_off(q, mem) {
         return true;
     }
@@ -607,21 +614,24 @@ fn unpop(q: &mut Queue) {
 }
 
 /// Used entries the RX path writes before it stores the used index, which the guest's driver
-/// polls from another CPU: storing it once per this many entries (and at the end of every call
-/// that added some) instead of once per frame keeps that cache line from moving between the
-/// two CPUs per frame. Like `VHOST_NET_BATCH`; it is also the read-ahead batch.
-pub const USED_PUBLISH: u16 = crate::read_ahead::READ_AHEAD as u16;
+/// polls from another CPU: storing it once per this many entries (at the first frame boundary
+/// after them, and at the end of every call that added some) instead of once per frame keeps
+/// that cache line from moving between the two CPUs per frame. Like `VHOST_NET_BATCH`; it is
+/// also the read-ahead batch.
+pub const USED_PUBLISH: u32 = crate::read_ahead::READ_AHEAD as u32;
 
 /// The device's side of the RX ring's used ring: `virtio-queue`'s `add_used` stores the used
-/// index with every entry; this writes the entry and stores the index once per
-/// [`USED_PUBLISH`] entries and whenever the path returns ([`UsedRing::publish`]), so the
-/// guest never sees a used index ahead of its entries and every entry is visible once the
-/// path lets go of the ring. It also counts the entries added since the last interrupt
-/// decision, which `Queue::needs_notification` can no longer count ([`UsedRing::should_notify`]).
+/// index with every entry; this writes the entries and stores the index only between frames,
+/// once [`USED_PUBLISH`] entries wait ([`UsedRing::publish_due`]) and whenever the path returns
+/// ([`UsedRing::publish`]). So the guest never sees a used index ahead of its entries, nor one
+/// inside a merged frame (the buffers of one packet are used together), and every entry is
+/// visible once the path lets go of the ring. It also counts the entries added since the last
+/// interrupt decision, which `Queue::needs_notification` can no longer count
+/// ([`UsedRing::should_notify`]).
 #[derive(Debug, Default)]
 struct UsedRing {
     /// Entries written since the used index was last stored.
-    unpublished: u16,
+    unpublished: u32,
     /// Entries added since the last interrupt decision.
     added: u32,
 }
@@ -646,11 +656,16 @@ impl UsedRing {
         mem.write_obj(elem, GuestAddress(addr)).map_err(|_| ())?;
         q.set_next_used(q.next_used().wrapping_add(1));
         self.added = self.added.saturating_add(1);
-        self.unpublished += 1;
+        self.unpublished = self.unpublished.saturating_add(1);
+        Ok(())
+    }
+
+    /// Stores the used index if [`USED_PUBLISH`] entries wait. Only between frames: never
+    /// while a merged frame's entries are partly written.
+    fn publish_due<M: GuestMemoryBackend>(&mut self, q: &Queue, mem: &M) {
         if self.unpublished >= USED_PUBLISH {
             self.publish(q, mem);
         }
-        Ok(())
     }
 
     /// Stores the used index (release: after the entries and the buffers they name).
@@ -1168,6 +1183,8 @@ impl RxPath {
         let ahead_from_start = self.last_run_reads >= self.ahead_after;
         self.ahead.new_run();
         loop {
+            // Between frames: the last frame's entries, all of them, are written.
+            self.used.publish_due(q, mem);
             if let Some(p) = self.pending.take() {
                 match self.place_rest(q, mem, p, hdr, &mut out.counts, &mut walked) {
                     Ok(()) => {}

@@ -1497,6 +1497,15 @@ impl TapIo for WatchingTap<'_> {
     fn writev(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
         self.inner.writev(iov)
     }
+
+    fn batches_reads(&self) -> bool {
+        self.inner.batches_reads()
+    }
+
+    fn readv_batch(&mut self, bufs: &[libc::iovec], res: &mut Vec<i32>) {
+        self.look();
+        self.inner.readv_batch(bufs, res)
+    }
 }
 
 #[test]
@@ -1532,6 +1541,53 @@ fn rx_used_index_is_stored_once_per_batch_of_entries_and_when_the_run_ends() {
         .collect();
     assert_eq!(used(&m, &q), all);
     assert_eq!(q.next_avail(), 40);
+}
+
+#[test]
+fn rx_the_used_index_never_stops_inside_a_merged_frame() {
+    // One read per frame (no read-ahead), so the tap looks at the index before every frame.
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, QSIZE);
+    rx_setup(&m, &vq, &[1500; 40], 0);
+    let mut q: Queue = vq.create_queue().unwrap();
+    // 14 one-buffer frames, then 3-buffer ones: entries 15–17 are one frame (the 16th
+    // entry inside it), 18–20 the next, and so on.
+    let mut frames: Vec<_> = (0..14).map(|i| frame(60, i)).collect();
+    frames.extend((0..6).map(|i| frame(3500, 20 + i)));
+    let mut tap = WatchingTap {
+        inner: FakeTap {
+            rx: frames.iter().cloned().collect(),
+            ..Default::default()
+        },
+        mem: &m,
+        used_idx: GuestAddress(q.used_ring() + 2),
+        seen: Vec::new(),
+    };
+    let mut rx = rx_path();
+    let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
+    assert_eq!(r.counts.packets, 20);
+    // Where the guest may see the used index: between frames.
+    let mut bounds = vec![0u16];
+    for f in &frames {
+        let n = f.len().div_ceil(1500) as u16;
+        bounds.push(bounds.last().unwrap() + n);
+    }
+    // And after the run.
+    tap.look();
+    for idx in &tap.seen {
+        assert!(
+            bounds.contains(idx),
+            "used index {idx} inside a frame (seen {:?})",
+            tap.seen
+        );
+    }
+    assert!(
+        tap.seen.iter().any(|&i| i > 0 && i < 32),
+        "stored during the run, not only at its end: {:?}",
+        tap.seen
+    );
+    assert_eq!(*tap.seen.last().unwrap(), 32);
+    assert_eq!(used(&m, &q).len(), 32);
 }
 
 #[test]
@@ -1592,6 +1648,7 @@ fn rx_a_merged_frame_takes_only_the_chains_it_fills() {
         let mut got = read_guest(&m, BUF, 100);
         got.extend(read_guest(&m, BUF + 0x10000, 1500));
         got.extend(read_guest(&m, BUF + 0x20000, 1412));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
         got[10] = 0;
         assert_eq!(got, big);
         // The next frame takes the next chain.
