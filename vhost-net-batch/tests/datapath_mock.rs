@@ -1482,7 +1482,20 @@ struct WatchingTap<'m> {
     seen: Vec<u16>,
 }
 
-impl WatchingTap<'_> {
+impl<'m> WatchingTap<'m> {
+    /// A tap handing over `frames`, watching `q`'s used index.
+    fn new(mem: &'m GuestMemoryMmap<()>, q: &Queue, frames: &[Vec<u8>]) -> Self {
+        WatchingTap {
+            inner: FakeTap {
+                rx: frames.iter().cloned().collect(),
+                ..Default::default()
+            },
+            mem,
+            used_idx: GuestAddress(q.used_ring() + 2),
+            seen: Vec::new(),
+        }
+    }
+
     fn look(&mut self) {
         self.seen.push(self.mem.read_obj(self.used_idx).unwrap());
     }
@@ -1515,15 +1528,7 @@ fn rx_used_index_is_stored_once_per_batch_of_entries_and_when_the_run_ends() {
     rx_setup(&m, &vq, &[2048; 48], 0);
     let mut q: Queue = vq.create_queue().unwrap();
     let frames: Vec<_> = (0..40).map(|i| frame(60, i as u8)).collect();
-    let mut tap = WatchingTap {
-        inner: FakeTap {
-            rx: frames.iter().cloned().collect(),
-            ..Default::default()
-        },
-        mem: &m,
-        used_idx: GuestAddress(q.used_ring() + 2),
-        seen: Vec::new(),
-    };
+    let mut tap = WatchingTap::new(&m, &q, &frames);
     let mut rx = rx_path();
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!(r.counts.packets, 40);
@@ -1554,15 +1559,7 @@ fn rx_the_used_index_never_stops_inside_a_merged_frame() {
     // entry inside it), 18–20 the next, and so on.
     let mut frames: Vec<_> = (0..14).map(|i| frame(60, i)).collect();
     frames.extend((0..6).map(|i| frame(3500, 20 + i)));
-    let mut tap = WatchingTap {
-        inner: FakeTap {
-            rx: frames.iter().cloned().collect(),
-            ..Default::default()
-        },
-        mem: &m,
-        used_idx: GuestAddress(q.used_ring() + 2),
-        seen: Vec::new(),
-    };
+    let mut tap = WatchingTap::new(&m, &q, &frames);
     let mut rx = rx_path();
     let r = rx.run(&mut q, &m, &mut tap, HdrLayout::default(), 256);
     assert_eq!(r.counts.packets, 20);
